@@ -1,0 +1,1 @@
+"""distillery: research methods as production pipelines."""

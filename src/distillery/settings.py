@@ -1,0 +1,71 @@
+"""The one settings object. Every module asks `get_settings()`; none reads the environment itself.
+
+Embedded default: everything under one git-ignored home folder (sqlite MLflow and Optuna, local
+artifacts, local KFP pipeline root). Production: point the URIs at PostgreSQL / an MLflow server /
+S3 with the matching DISTILLERY_* variables; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_", extra="ignore")
+
+    home: Path = Field(Path(".distillery"), description="Folder for all embedded state (git-ignored).")
+    data_dir: Path = Field(Path("data"), description="Materialized raw datasets, tracked by data.dvc.")
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under home.")
+    registry_uri: str | None = Field(None, description="MLflow registry URI; default = tracking URI.")
+    artifact_location: str | None = Field(
+        None, description="Default artifact root for new MLflow experiments (path or s3://bucket/prefix)."
+    )
+    optuna_storage: str | None = Field(None, description="Optuna RDB storage URL; default sqlite under home.")
+    pipeline_root: str | None = Field(None, description="KFP pipeline root; default a folder under home.")
+
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (Ceph RGW, MinIO, AWS); credentials come from the standard AWS_* variables.")
+    s3_region: str = "us-east-1"
+
+    image: str = Field("distillery:latest", description="The one container image for components and predictors.")
+    kfp_host: str | None = Field(None, description="KFP API endpoint for submit/schedule.")
+    namespace: str = Field("distillery", description="Kubernetes namespace for InferenceServices.")
+    kube_context: str | None = Field(None, description="kubectl context; when unset no cluster is assumed.")
+
+    serve_host: str = Field("127.0.0.1", description="Local serving binds here only.")
+    serve_port: int = 8080
+
+    @property
+    def home_abs(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home_abs / 'mlflow.db'}"
+
+    @property
+    def mlflow_registry_uri(self) -> str:
+        return self.registry_uri or self.mlflow_tracking_uri
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return self.artifact_location or str(self.home_abs / "mlartifacts")
+
+    @property
+    def optuna_storage_url(self) -> str:
+        return self.optuna_storage or f"sqlite:///{self.home_abs / 'optuna.db'}"
+
+    @property
+    def kfp_pipeline_root(self) -> str:
+        return self.pipeline_root or str(self.home_abs / "pipeline_root")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    s = Settings()
+    s.home_abs.mkdir(parents=True, exist_ok=True)
+    return s
