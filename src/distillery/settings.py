@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     namespace: str = Field("distillery", description="Kubernetes namespace for InferenceServices.")
     kube_context: str | None = Field(None, description="kubectl context; when unset no cluster is assumed.")
 
+    parent_run_id: str | None = Field(None, description="MLflow parent run of the pipeline run in progress (set by `distillery run`).")
+
     serve_host: str = Field("127.0.0.1", description="Local serving binds here only.")
     serve_port: int = 8080
 

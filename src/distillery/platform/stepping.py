@@ -1,0 +1,41 @@
+"""Runs one pipeline step inside its nested MLflow run: the tracking every component gets without
+writing it. A component calls `run_step(...)` with the function that does the work; the function's
+returned numbers become MLflow metrics and KFP Metrics, its exceptions fail both the run and the task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+
+def run_step(
+    fn: Callable[..., dict | None],
+    *,
+    pipeline: str,
+    step: str,
+    kfp_run_id: str = "",
+    kfp_metrics: Any = None,
+    **kwargs: Any,
+) -> dict:
+    import mlflow
+
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    parent = get_settings().parent_run_id or ""
+    with tracking.step_run(pipeline, step, parent_run_id=parent, kfp_run_id=kfp_run_id):
+        mlflow.log_params({k: _param(v) for k, v in kwargs.items() if not k.endswith("_dir") and not k.endswith("_path")})
+        result = fn(**kwargs) or {}
+        numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracking.log_metrics(numbers)
+        if kfp_metrics is not None:
+            for k, v in numbers.items():
+                if math.isfinite(v):
+                    kfp_metrics.log_metric(k, v)
+        return result
+
+
+def _param(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 500 else s[:497] + "..."
