@@ -42,7 +42,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING}
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-sd": {
-        "smoke": dict(per_class=40, feature_steps=120, vae_steps=120, unet_steps=200, eval_per_class=4,
+        "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, eval_per_class=4,
                       eval_steps=8, gate_thresholds={"fd": ["max", 1e6], "cond_acc": ["min", 0.0]}),
         "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, eval_per_class=50,
                     eval_steps=25, gate_thresholds={"fd": ["max", 50.0], "cond_acc": ["min", 0.5]}),

@@ -87,7 +87,9 @@ def tiny_sd(
 
     decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name,
                     thresholds=gate_thresholds,
-                    directions={"fd": "min", "cond_acc": "max"}, **t)
+                    directions={"fd": "min", "cond_acc": "max"}, **t).set_caching_options(False)  # champion may change
     with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
-        version = register(model=unet.outputs["model"], metrics=evaluation.outputs["metrics"], model_name=model_name, **t)
-        deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu, **t)
+        version = register(model=unet.outputs["model"], metrics=evaluation.outputs["metrics"], model_name=model_name,
+                           **t).set_caching_options(False)
+        deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
+               **t).set_caching_options(False)

@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmarks: timing, a fresh embedded home, printing and saving ratio tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextmanager
+def timed(into: dict, key: str):
+    t = time.perf_counter()
+    yield
+    into[key] = time.perf_counter() - t
+
+
+def fresh_home(name: str) -> Path:
+    """Point the settings at a new home folder so the measurement starts cold."""
+    from distillery.settings import get_settings
+
+    home = RESULTS / "homes" / f"{name}-{int(time.time())}"
+    os.environ["DISTILLERY_HOME"] = str(home)
+    get_settings.cache_clear()
+    return home
+
+
+def report(name: str, rows: list[tuple[str, float, float, str]], extra: dict | None = None) -> dict:
+    """rows: (what, ours, baseline, unit). Prints ours/baseline side by side and writes bench/results/NAME.json."""
+    table = Table(title=f"{name} ({platform.machine()}, {os.cpu_count()} cores)")
+    for col in ("measure", "ours", "baseline", "ratio ours/baseline"):
+        table.add_column(col)
+    out = {"benchmark": name, "cores": os.cpu_count(), "rows": [], **(extra or {})}
+    for what, ours, base, unit in rows:
+        ratio = ours / base if base else float("nan")
+        table.add_row(what, f"{ours:.3f} {unit}", f"{base:.3f} {unit}", f"{ratio:.2f}x")
+        out["rows"].append({"measure": what, "ours": ours, "baseline": base, "unit": unit, "ratio": ratio})
+    Console().print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
+    return out

@@ -1,0 +1,1 @@
+"""Shared model families in plain PyTorch (no KFP, MLflow or KServe here)."""

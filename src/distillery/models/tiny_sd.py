@@ -1,0 +1,267 @@
+"""Tiny Stable Diffusion: a real diffusers StableDiffusionPipeline with a tiny AutoencoderKL and
+UNet2DConditionModel trained here and the frozen MiniLM text encoder. Because it is the standard
+pipeline, schedulers, LoRA, ControlNet and a real SD-1.5 checkpoint plug in unchanged.
+
+Training loops are plain PyTorch and resumable: every `checkpoint_every` steps the model, optimizer,
+step and random state go to `checkpoint_dir`; started again with the same folder a loop continues
+from there and ends with the same weights an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LogFn = Callable[[dict, int], None]
+
+
+@dataclass(frozen=True)
+class TinySDConfig:
+    resolution: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 levels: latents are resolution / 4
+    vae_norm_groups: int = 8
+    unet_channels: tuple[int, ...] = (64, 128)
+    norm_groups: int = 16
+    cross_attention_dim: int = 384  # MiniLM hidden size
+    attention_head_dim: int = 8
+    train_timesteps: int = 1000
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // 2 ** (len(self.vae_channels) - 1)
+
+
+def build_vae(cfg: TinySDConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels,
+                         layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=cfg.vae_norm_groups,
+                         sample_size=cfg.resolution)
+
+
+def build_unet(cfg: TinySDConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels, layers_per_block=1, norm_num_groups=cfg.norm_groups,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim)
+
+
+def train_scheduler(cfg: TinySDConfig):
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's own noise schedule, so a real SD checkpoint and these models share sampling code.
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
+                         steps_offset=1)
+
+
+def assemble(vae, unet, cfg: TinySDConfig):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from distillery.models.text_encoder import load_text_encoder
+
+    encoder, tokenizer = load_text_encoder()
+    scheduler = DPMSolverMultistepScheduler.from_config(train_scheduler(cfg).config)
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_pipeline(cfg: TinySDConfig | None = None, seed: int = 0):
+    """An untrained pipeline (tests, serving fixtures); the architecture of every trained one."""
+    cfg = cfg or TinySDConfig()
+    torch.manual_seed(seed)
+    return assemble(build_vae(cfg), build_unet(cfg), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
+    """Unique captions (plus the empty one for guidance) -> their frozen MiniLM token embeddings."""
+    from distillery.models.text_encoder import load_text_encoder
+
+    encoder, tokenizer = load_text_encoder()
+    unique = sorted(set(captions) | {""})
+    out = []
+    for i in range(0, len(unique), batch_size):
+        tok = tokenizer(unique[i:i + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt")
+        out.append(encoder(tok.input_ids, attention_mask=tok.attention_mask)[0])
+    return unique, torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                     gen: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state()}, tmp / "state.pt")
+    last = ckpt / "last"
+    if last.exists():
+        for f in last.iterdir():
+            f.unlink()
+        last.rmdir()
+    tmp.rename(last)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    from safetensors.torch import load_file
+
+    last = ckpt / "last"
+    if not (last / "state.pt").exists():
+        return 0
+    model.load_state_dict(load_file(last / "model.safetensors"))
+    state = torch.load(last / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return int(state["step"])
+
+
+def _loop(name: str, model, opt, steps: int, checkpoint_dir: Path | None, checkpoint_every: int, gen,
+          step_fn: Callable[[int], dict], on_log: LogFn | None, log_every: int) -> dict:
+    start = _load_checkpoint(Path(checkpoint_dir), model, opt, gen) if checkpoint_dir else 0
+    model.train()
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, mininterval=2.0)
+    for step in bar:
+        logs = step_fn(step)
+        losses.append(logs["loss"])
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+            if on_log:
+                on_log({f"{name}_loss": float(np.mean(losses[-log_every:]))}, step + 1)
+        if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            _save_checkpoint(Path(checkpoint_dir), model, opt, step + 1, gen)
+    model.eval()
+    done = steps - start
+    return {"resumed_from_step": start, f"{name}_final_loss": float(np.mean(losses[-log_every:])) if losses else float("nan"),
+            f"{name}_steps_per_s": done / max(time.perf_counter() - t0, 1e-9)}
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+
+
+def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_size: int = 32, lr: float = 1e-3,
+              kl_weight: float = 1e-4, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int = 100,
+              on_log: LogFn | None = None, log_every: int = 20) -> dict:
+    """Reconstruction (L1 + MSE) plus a small KL term; the latents' scale is recorded as `scaling_factor`."""
+    torch.manual_seed(seed)
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    x_all = to_tensor(dataset.images)
+
+    def step_fn(_: int) -> dict:
+        x = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    metrics = _loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every)
+    with torch.no_grad():
+        sample = x_all[:256]
+        post = vae.encode(sample).latent_dist
+        scale = 1.0 / float(post.mean.std())
+        metrics["vae_recon_mse"] = float(F.mse_loss(vae.decode(post.mean).sample, sample))
+    vae.register_to_config(scaling_factor=scale)
+    metrics["vae_scaling_factor"] = scale
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out_dir)
+    (Path(out_dir) / "tiny_sd_config.json").write_text(json.dumps(asdict(cfg)))
+    return metrics
+
+
+@torch.no_grad()
+def reconstruct(vae_dir: Path, images: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    x = to_tensor(images)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return list(images), list(to_uint8(rec))
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+
+
+def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_size: int = 32,
+               lr: float = 5e-4, cond_dropout: float = 0.1, seed: int = 0, checkpoint_dir: Path | None = None,
+               checkpoint_every: int = 100, on_log: LogFn | None = None, log_every: int = 20) -> dict:
+    """Epsilon-prediction denoising of VAE latents conditioned on the caption's MiniLM embedding. Captions are
+    dropped to "" with probability `cond_dropout`, the unconditional input classifier-free guidance uses."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        x = to_tensor(dataset.images)
+        posts = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
+        mean = torch.cat([p.mean for p in posts]) * vae.config.scaling_factor
+        std = torch.cat([p.std for p in posts]) * vae.config.scaling_factor
+    unique, embeddings = encode_captions(list(dataset.captions))
+    index = {c: i for i, c in enumerate(unique)}
+    cap_idx = torch.tensor([index[c] for c in dataset.captions])
+    empty = index[""]
+
+    unet = build_unet(cfg)
+    noise_sched = train_scheduler(cfg)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step_fn(_: int) -> dict:
+        idx = torch.randint(len(mean), (batch_size,), generator=gen)
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        drop = torch.rand(batch_size, generator=gen) < cond_dropout
+        cond = embeddings[torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])]
+        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item()}
+
+    metrics = _loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every)
+    pipe = assemble(vae, unet, cfg)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
+                                                                "max_steps": 100, "resolution": cfg.resolution}))
+    return metrics

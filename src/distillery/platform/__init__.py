@@ -1,0 +1,1 @@
+"""MLOps plumbing, paper-agnostic: each external system behind one small module."""

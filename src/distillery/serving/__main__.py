@@ -1,0 +1,26 @@
+"""`python -m distillery.serving --model-dir DIR --model-name NAME`: the predictor entry point, locally and in a pod."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from distillery.serving.server import serve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m distillery.serving", description=__doc__)
+    ap.add_argument("--model-dir", type=Path, required=True, help="Model folder (KServe mounts storageUri at /mnt/models).")
+    ap.add_argument("--model-name", required=True, help="Name in the URL: /v1/models/NAME:predict.")
+    ap.add_argument("--kind", default="text-to-image", help="Predictor kind.")
+    ap.add_argument("--http-port", type=int, default=8080)
+    ap.add_argument("--host", default="127.0.0.1", help="Bind address; 0.0.0.0 only inside a pod.")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    opts, _ = ap.parse_known_args()  # KServe's own flags (e.g. --workers) pass through
+    logging.basicConfig(level=logging.INFO)
+    serve(opts.model_dir, opts.model_name, opts.kind, opts.http_port, opts.host, opts.max_body_bytes)
+
+
+if __name__ == "__main__":
+    main()

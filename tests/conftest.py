@@ -1,0 +1,33 @@
+"""Shared fixtures: every test gets its own embedded home (sqlite MLflow and Optuna, local artifacts)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SETTINGS_VARS = [v for v in os.environ if v.startswith("DISTILLERY_")]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh DISTILLERY_HOME; the settings object is rebuilt around it."""
+    from distillery.settings import get_settings
+
+    for var in _SETTINGS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    h = tmp_path / "home"
+    monkeypatch.setenv("DISTILLERY_HOME", str(h))
+    monkeypatch.setenv("DISTILLERY_DATA_DIR", str(REPO / "data"))
+    get_settings.cache_clear()
+    yield h
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable
