@@ -78,7 +78,7 @@ def test_smoke_run_registers_a_champion_with_tracked_steps(smoke):
     assert "inferenceservice.yaml" in deploy
 
     mv = client.get_model_version_by_alias("tiny-sd", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     assert mv.tags["parent_run_id"] == parent.info.run_id
 
 
@@ -118,8 +118,8 @@ def test_compiled_yaml_runs_locally_and_failing_gate_registers_nothing(smoke, tm
     assert "cache hit" in (out.stdout + out.stderr)  # training steps reused from the first run
     client = _mlflow(home)
     versions = client.search_model_versions("name='tiny-sd'")
-    assert [v.version for v in versions] == ["1"]
-    assert client.get_model_version_by_alias("tiny-sd", "champion").version == "1"
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("tiny-sd", "champion").version) == "1"
     gates = [r for r in _runs(client) if r.data.tags.get("task") == "gate" and r.data.metrics.get("gate_passed") == 0.0]
     assert gates, "the failing gate left no record"
 

@@ -90,7 +90,7 @@ def version_for_run(name: str, parent_run_id: str) -> str | None:
     except Exception:  # noqa: BLE001
         return None
     hits = [v for v in versions if v.tags.get("parent_run_id") == parent_run_id]
-    return str(hits[0].version) if hits else None
+    return str(max(int(v.version) for v in hits)) if hits else None
 
 
 def storage_uri(name: str, version: str) -> str:

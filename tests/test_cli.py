@@ -1,0 +1,68 @@
+"""The command line: help, parameter validation, cron, compile, models commands."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from distillery.cli import app, kfp_cron
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    out = runner.invoke(app, ["--help"]).output
+    for cmd in ("run", "compile", "submit", "schedule", "serve", "models", "compare", "data"):
+        assert cmd in out
+
+
+def test_bad_parameters_are_refused_before_anything_runs(home):
+    r = runner.invoke(app, ["run", "tiny-sd", "--set", "resolution=30", "--set", "guidance_scale=0"])
+    assert r.exit_code == 2
+    assert "resolution" in r.output and "guidance_scale" in r.output
+    r = runner.invoke(app, ["run", "tiny-sd", "--set", "nonsense=1"])
+    assert r.exit_code == 2 and "unknown parameter" in r.output and "unet_steps" in r.output
+    r = runner.invoke(app, ["run", "tiny-sd", "--profile", "huge"])
+    assert r.exit_code == 2 and "smoke" in r.output
+    r = runner.invoke(app, ["run", "no-such-pipeline"])
+    assert r.exit_code == 2 and "tiny-sd" in r.output
+    assert not (home / "pipeline_root").exists()
+
+
+def test_cron_expressions():
+    assert kfp_cron("0 3 * * *") == "0 0 3 * * *"
+    assert kfp_cron("0 */5 * * * *") == "0 */5 * * * *"
+    for bad in ("every day", "* * *", "0 3 * * * * *", "0 3 ** * *"):
+        try:
+            kfp_cron(bad)
+        except ValueError as e:
+            assert "cron" in str(e)
+        else:
+            raise AssertionError(bad)
+    r = runner.invoke(app, ["schedule", "tiny-sd", "--cron", "daily", "--host", "http://127.0.0.1:1"])
+    assert r.exit_code == 2 and "invalid cron" in r.output
+
+
+def test_submit_without_an_endpoint_says_how_to_set_one(home):
+    r = runner.invoke(app, ["submit", "tiny-sd"])
+    assert r.exit_code != 0
+    assert "DISTILLERY_KFP_HOST" in str(r.exception) + r.output
+
+
+def test_compile_writes_ir_with_parameter_descriptions_and_profile_defaults(home, tmp_path):
+    r = runner.invoke(app, ["compile", "tiny-sd", "--profile", "cpu", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    spec = yaml.safe_load((tmp_path / "tiny-sd.yaml").read_text())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "Frechet" in params["gate_thresholds"]["description"] or "fd" in params["gate_thresholds"]["description"]
+    assert params["unet_steps"]["defaultValue"] == 8000  # the cpu profile
+    assert "description" in params["cond_dropout"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"prepare-image-captions", "validate-image-captions", "train-vae", "train-unet", "gate"} <= set(tasks)
+
+
+def test_models_commands_explain_missing_models(home):
+    r = runner.invoke(app, ["models", "rollback", "nothing-here"])
+    assert r.exit_code == 2 and "error" in r.output
+    r = runner.invoke(app, ["models", "list"])
+    assert r.exit_code == 0

@@ -1,0 +1,122 @@
+"""Kubernetes: kustomize overlays render, core resources validate, every container is non-root with limits,
+no credential is written down, InferenceServices render from the kserve SDK's typed models, the Dockerfile
+builds the one non-root image."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import REPO
+
+KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
+CRDS = {"InferenceService", "ServingRuntime"}
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(REPO / "manifests" / "overlays" / overlay)], capture_output=True,
+                         text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    kind = doc["kind"]
+    if kind in ("Deployment", "StatefulSet"):
+        return [doc["spec"]["template"]["spec"]]
+    if kind == "ServingRuntime":
+        return [doc["spec"]]
+    if kind == "InferenceService":
+        p = doc["spec"]["predictor"]
+        return [{"containers": [p["model"]], "securityContext": p.get("securityContext", {})}]
+    return []
+
+
+@pytest.fixture(scope="module", params=["local", "gpu"])
+def docs(request):
+    return request.param, render(request.param)
+
+
+def test_core_resources_validate_against_the_kubernetes_schema(docs):
+    _, objs = docs
+    kinds = {d["kind"] for d in objs}
+    assert {"Namespace", "Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "ServiceAccount",
+            "ConfigMap", "ServingRuntime", "InferenceService"} <= kinds
+    for d in objs:
+        if d["kind"] not in CRDS:
+            kubernetes_validate.validate(d, "1.33.0", strict=True)
+
+
+def test_every_container_runs_as_non_root_with_resource_limits(docs):
+    _, objs = docs
+    seen = 0
+    for d in objs:
+        for spec in pod_specs(d):
+            pod_ctx = spec.get("securityContext", {})
+            for c in spec["containers"]:
+                seen += 1
+                ctx = {**pod_ctx, **c.get("securityContext", {})}
+                assert ctx.get("runAsNonRoot") is True, (d["kind"], d["metadata"]["name"])
+                assert ctx.get("runAsUser", 0) != 0
+                assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False
+                limits = c.get("resources", {}).get("limits", {})
+                assert "cpu" in limits and "memory" in limits, (d["kind"], d["metadata"]["name"])
+    assert seen >= 4
+
+
+def test_gpu_overlay_asks_for_gpus_and_local_does_not(docs):
+    overlay, objs = docs
+    isvc = next(d for d in objs if d["kind"] == "InferenceService")
+    gpu = isvc["spec"]["predictor"]["model"]["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpu == "1") == (overlay == "gpu")
+    image = next(d for d in objs if d["kind"] == "ServingRuntime")["spec"]["containers"][0]["image"]
+    assert image == ("distillery:cuda" if overlay == "gpu" else "distillery:local")
+
+
+def test_no_credentials_are_written_down():
+    secretish = re.compile(r"(password|secret|access[-_]?key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{6,}", re.I)
+    for path in (REPO / "manifests").rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if "secretKeyRef" in line or line.strip().startswith(("name:", "key:", "- name:", "#")):
+                continue
+            assert not secretish.search(line), f"{path.name}: {line}"
+    for d in render("local"):
+        assert d["kind"] != "Secret", "Secrets are created by the operator, not shipped"
+        for spec in pod_specs(d):
+            for c in spec["containers"]:
+                for env in c.get("env", []):
+                    if re.search(r"PASSWORD|SECRET|ACCESS_KEY", env["name"]):
+                        assert "valueFrom" in env, env
+
+
+def test_inference_service_renders_from_typed_models(home):
+    from distillery.platform import k8s
+
+    obj = k8s.render_inference_service("tiny-sd", "s3://models/tiny-sd/3/model", image="distillery:1.0", gpu=True,
+                                       args=["--kind", "text-to-image"])
+    model = obj["spec"]["predictor"]["model"]
+    assert obj["apiVersion"] == "serving.kserve.io/v1beta1" and obj["kind"] == "InferenceService"
+    assert model["storageUri"] == "s3://models/tiny-sd/3/model" and model["runtime"] == "distillery"
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert model["securityContext"]["runAsNonRoot"] is True
+    assert yaml.safe_load(k8s.to_yaml(obj)) == obj
+    status = k8s.apply(obj)  # no cluster configured: writes the manifest, connects to nothing
+    assert "no cluster configured" in status
+    written = home / "manifests" / "tiny-sd.yaml"
+    assert yaml.safe_load(written.read_text())["metadata"]["name"] == "tiny-sd"
+
+
+def test_dockerfile_is_one_non_root_image_with_a_cuda_build_arg():
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert "FROM ${BASE_IMAGE}" in text
+    assert re.search(r"^USER 1000$", text, re.M)
+    assert "-c constraints.txt" in text
+    assert not re.search(r"^(ENV|ARG) .*(PASSWORD|SECRET|ACCESS_KEY)", text, re.M | re.I)
+    assert (REPO / "constraints.txt").exists()
