@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import requests
 from PIL import Image
 
 from distillery.models import tiny_sd
+from distillery.serving import KINDS, register_kind, serve
 
 JSON = {"Content-Type": "application/json"}
 
@@ -30,9 +33,10 @@ def server(tmp_path_factory):
     tiny_sd.build_pipeline(tiny_sd.TinySDConfig()).save_pretrained(model)
     (model / "distillery.json").write_text('{"default_steps": 4, "max_steps": 20}')
     port = _free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"  # a file, not a pipe nobody drains: a full pipe blocks the server
+    sink = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model), "--model-name",
-                             "tiny-sd", "--http-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "tiny-sd", "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -42,13 +46,14 @@ def server(tmp_path_factory):
         except requests.ConnectionError:
             time.sleep(0.2)
         if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()[-3000:]}")
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
     else:
         proc.kill()
         pytest.fail("server not ready in 120 s")
-    yield url, port
+    yield url, port, log
     proc.terminate()
     proc.wait(15)
+    sink.close()
 
 
 def _png(b64: str) -> Image.Image:
@@ -56,15 +61,16 @@ def _png(b64: str) -> Image.Image:
 
 
 def test_binds_loopback_only(server):
-    _, port = server
+    _, port, log = server
     listening = open("/proc/net/tcp").read().splitlines()[1:]
     local = [line.split()[1] for line in listening if line.split()[3] == "0A"]  # 0A = LISTEN
     ours = [addr for addr in local if int(addr.split(":")[1], 16) == port]
     assert ours == ["0100007F:" + f"{port:04X}"], ours  # 127.0.0.1, not 0.0.0.0
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log.read_text()
 
 
 def test_v1_predict_returns_deterministic_pngs_with_the_steps_asked(server):
-    url, _ = server
+    url, *_ = server
     body = {"instances": [{"prompt": "a handwritten digit seven", "steps": 3, "guidance": 2.0, "seed": 7},
                           {"prompt": "an emoji (flags)", "steps": 3, "guidance": 2.0, "seed": 7}]}
     r = requests.post(f"{url}/v1/models/tiny-sd:predict", json=body, timeout=60)
@@ -79,7 +85,7 @@ def test_v1_predict_returns_deterministic_pngs_with_the_steps_asked(server):
 
 
 def test_v2_infer_returns_png_bytes(server):
-    url, _ = server
+    url, *_ = server
     body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a digit one", "a digit two"]}],
             "parameters": {"steps": 2, "seed": 1}}
     r = requests.post(f"{url}/v2/models/tiny-sd/infer", json=body, timeout=60)
@@ -88,6 +94,37 @@ def test_v2_infer_returns_png_bytes(server):
     assert out["name"] == "image" and out["datatype"] == "BYTES" and out["shape"] == [2]
     assert all(_png(d).format == "PNG" for d in out["data"])
     assert r.json()["parameters"]["steps"] == 2
+
+
+def test_v2_options_as_inputs_and_raw_png_bytes_with_the_binary_extension(server):
+    url, *_ = server
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a digit one", "a digit two"]},
+                       {"name": "steps", "datatype": "INT32", "shape": [1], "data": [3]},
+                       {"name": "seed", "datatype": "INT64", "shape": [1], "data": [5]}],
+            "parameters": {"binary_data_output": True}}
+    r = requests.post(f"{url}/v2/models/tiny-sd/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    header_len = int(r.headers["inference-header-content-length"])
+    header, raw = json.loads(r.content[:header_len]), r.content[header_len:]
+    assert header["parameters"] == {"steps": 3, "seed": 5}
+    out = header["outputs"][0]
+    assert out["shape"] == [2] and out["parameters"]["binary_data_size"] == len(raw) and "data" not in out
+    pngs = []
+    while raw:  # KServe/Triton BYTES layout: 4-byte little-endian length, then the bytes
+        (n,) = struct.unpack("<I", raw[:4])
+        pngs.append(raw[4:4 + n])
+        raw = raw[4 + n:]
+    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    assert all(Image.open(io.BytesIO(p)).size == (32, 32) for p in pngs)
+    # The same request in JSON form carries the very same images, base64-encoded.
+    body["parameters"] = {}
+    as_json = requests.post(f"{url}/v2/models/tiny-sd/infer", json=body, timeout=60).json()["outputs"][0]["data"]
+    assert [base64.b64decode(d) for d in as_json] == pngs
+
+
+def _chunked(total: int):
+    for _ in range(0, total, 1 << 16):  # a generator body is sent chunked, without Content-Length
+        yield b" " * (1 << 16)
 
 
 @pytest.mark.parametrize("path,body,status,words", [
@@ -102,17 +139,25 @@ def test_v2_infer_returns_png_bytes(server):
     ("v1", {"instances": []}, 400, "empty"),
     ("v1", {"prompt": "x"}, 400, "instances"),
     ("v1", {"instances": [{"prompt": "x", "color": "red"}]}, 400, "unknown field"),
+    ("v1", {"instances": [{"prompt": "x", "guidance": 1000}]}, 400, "between 1.0 and 20.0"),
+    ("v1", {"instances": [{"prompt": "x", "seed": -1}]}, 400, "seed"),
+    ("v1", {"instances": [["x"]]}, 400, "object"),
     ("v1", b"x" * (2 << 20), 413, "larger than"),
+    ("v1", "chunked", 413, "larger than"),
     ("v2", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, 400, "prompt"),
     ("v2", {"inputs": [{"name": "prompt", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400, "BYTES"),
     ("v2", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [3], "data": ["x"]}]}, 400, "shape"),
     ("v2", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
             "parameters": {"steps": 0}}, 400, "steps"),
+    ("v2", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [9], "data": ["x"] * 9}]}, 400, "too many"),
+    ("v2", {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [{"name": "latents"}]}, 400, "unknown output"),
+    ("v2", {"inputs": "x"}, 422, "inputs"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, path, body, status, words):
-    url, _ = server
+    url, *_ = server
     target = f"{url}/v1/models/tiny-sd:predict" if path == "v1" else f"{url}/v2/models/tiny-sd/infer"
-    data = body if isinstance(body, bytes) else __import__("json").dumps(body).encode()
+    data = _chunked(2 << 20) if body == "chunked" else body if isinstance(body, bytes) else json.dumps(body).encode()
     r = requests.post(target, data=data, headers=JSON, timeout=60)
     assert r.status_code == status, (r.status_code, r.text)
     assert words.lower() in r.text.lower(), r.text
@@ -120,8 +165,36 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, path, b
     assert ok.status_code == 200
 
 
-def test_readiness_and_metrics(server):
-    url, _ = server
+def test_readiness_metrics_and_quiet_client_errors(server):
+    url, _, log = server
+    requests.post(f"{url}/v1/models/tiny-sd:predict", json={"instances": [{"prompt": "x", "steps": 0}]}, timeout=60)
+    text = log.read_text()
+    assert "400 POST /v1/models/tiny-sd:predict: 'steps' must be between" in text and "Traceback" not in text
     assert requests.get(f"{url}/v1/models/tiny-sd", timeout=5).json()["ready"] is True
     m = requests.get(f"{url}/metrics", timeout=5)
     assert m.status_code == 200 and "request_predict_seconds" in m.text
+
+
+def test_kind_registry_and_clear_errors(tmp_path):
+    from distillery.serving.text_to_image import TextToImageModel
+
+    assert KINDS["text-to-image"] is TextToImageModel
+    with pytest.raises(ValueError, match="unknown predictor kind 'robot'.*text-to-image"):
+        serve(tmp_path, "m", kind="robot")
+
+    @register_kind("echo-test")
+    class Echo:
+        def __init__(self, name, model_dir):
+            raise RuntimeError(f"built {name} from {model_dir}")
+
+    try:
+        with pytest.raises(RuntimeError, match="built m from"):
+            serve(tmp_path, "m", kind="echo-test")
+    finally:
+        KINDS.pop("echo-test")
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        serve(tmp_path, "m")
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "distillery.json").write_text('{"default_steps": 30, "max_steps": 20}')
+    with pytest.raises(ValueError, match="default_steps must be between 1 and max_steps"):
+        serve(tmp_path, "m")

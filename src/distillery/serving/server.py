@@ -1,8 +1,9 @@
 """KServe ModelServer on 127.0.0.1 with request limits.
 
-KServe 0.21 hard-codes host 0.0.0.0 in its uvicorn config; we set the host right after KServe builds that
-config (locally 127.0.0.1; `--host 0.0.0.0` only inside a pod). A body-size middleware answers 413 before
-a large body is read, and malformed JSON gets a 400 instead of KServe's generic 500.
+KServe 0.21 hard-codes host 0.0.0.0 in its uvicorn config; our RESTServer subclass sets the host right after
+KServe builds that config (locally 127.0.0.1; `--host 0.0.0.0` only inside a pod). A body-size middleware
+answers 413 before a large body is read, malformed JSON gets a 400 instead of KServe's generic 500, and
+client mistakes are logged as one warning line instead of an error with a traceback.
 """
 
 from __future__ import annotations
@@ -68,12 +69,18 @@ class RequestLimits:
         await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
 
 
+async def _client_error(request, exc):
+    log.warning("400 %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
 def serve(model_dir: Path, name: str, kind: str = "text-to-image", port: int = 8080, host: str = "127.0.0.1",
           max_body_bytes: int = 1 << 20) -> None:
     """Load the model and serve it until interrupted (V1 + V2 REST, /metrics)."""
     import kserve
     import kserve.model_server as ms
     import kserve.protocol.rest.server as rest
+    from kserve.errors import InvalidInput
 
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 
@@ -82,13 +89,16 @@ def serve(model_dir: Path, name: str, kind: str = "text-to-image", port: int = 8
     model = KINDS[kind](name, Path(model_dir))
     model.load()
 
-    original_init = rest.RESTServer.__init__
+    class RESTServerOnHost(rest.RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = host
 
-    def init_on_host(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.config.host = host
+        def _add_exception_handlers(self, app):
+            super()._add_exception_handlers(app)
+            app.add_exception_handler(InvalidInput, _client_error)
 
-    rest.RESTServer.__init__ = init_on_host
+    ms.RESTServer = RESTServerOnHost  # ModelServer.start() builds its REST server from this name
     ms.app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
     log.info("serving %s (%s) on http://%s:%d", name, kind, host, port)
     kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([model])

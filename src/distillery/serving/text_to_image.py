@@ -2,8 +2,9 @@
 
 V1  POST /v1/models/NAME:predict  {"instances": [{"prompt", "steps"?, "guidance"?, "seed"?, "negative_prompt"?}]}
     -> {"predictions": [{"image_png_b64", "seed", "steps"}]}
-V2  POST /v2/models/NAME/infer    input "prompt" (BYTES, [n]); parameters steps / guidance / seed
-    -> output "image" (BYTES, [n]): base64 PNGs (JSON carries no raw bytes)
+V2  POST /v2/models/NAME/infer    input "prompt" (BYTES, [n]); steps / guidance / seed as parameters or inputs
+    -> output "image" (BYTES, [n]): base64 PNGs in JSON (JSON carries no raw bytes), or the PNG bytes
+       themselves after the JSON header with the binary data extension (parameters.binary_data_output = true)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import kserve
+import numpy as np
 from kserve.errors import InvalidInput
 
 from distillery.serving.server import register_kind
@@ -43,8 +45,18 @@ class TextToImageModel(kserve.Model):
             raise FileNotFoundError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
         cfg = self.model_dir / "distillery.json"
         if cfg.exists():
-            self.limits.update({k: v for k, v in json.loads(cfg.read_text()).items() if k in DEFAULTS})
-        self.pipe = StableDiffusionPipeline.from_pretrained(self.model_dir, torch_dtype=torch.float32)
+            given = json.loads(cfg.read_text())
+            bad = {k: v for k, v in given.items()
+                   if k in DEFAULTS and (isinstance(v, bool) or not isinstance(v, (int, float)))}
+            if bad:
+                raise ValueError(f"{cfg}: limits must be numbers, got {bad}")
+            self.limits.update({k: v for k, v in given.items() if k in DEFAULTS})
+            if not 1 <= self.limits["default_steps"] <= self.limits["max_steps"]:
+                raise ValueError(f"{cfg}: default_steps must be between 1 and max_steps ({self.limits['max_steps']})")
+        self.pipe = StableDiffusionPipeline.from_pretrained(self.model_dir, torch_dtype=torch.float32,
+                                                            use_safetensors=True)
+        # A GPU when the pod has one; seeds stay portable because generators live on the CPU.
+        self.pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.ready = True
@@ -135,7 +147,13 @@ class TextToImageModel(kserve.Model):
         if len(prompt.shape) != 1 or prompt.shape[0] != len(data):
             raise InvalidInput(f"input 'prompt' shape {prompt.shape} does not match its {len(data)} values")
         prompts = [d.decode() if isinstance(d, bytes) else d for d in data]
-        options = dict(request.parameters or {})
+        requested = request.request_outputs or []
+        if any(o.name != "image" for o in requested):
+            raise InvalidInput(f"unknown output(s) {[o.name for o in requested if o.name != 'image']}; "
+                               "this model has one output, 'image'")
+        # KServe's own switch for the binary data extension; everything else is a generation option.
+        options = {k: v for k, v in (request.parameters or {}).items() if k != "binary_data_output"}
+        binary = bool(requested[0].binary_data) if requested else request.use_binary_outputs
         for name in ("steps", "guidance", "seed"):
             if name in by_name:
                 values = by_name[name].data
@@ -144,8 +162,12 @@ class TextToImageModel(kserve.Model):
                 options[name] = values[0]
         req = self._request(prompts, options)
         pngs = await asyncio.get_running_loop().run_in_executor(None, self._generate, req)
-        out = kserve.InferOutput(name="image", datatype="BYTES", shape=[len(pngs)],
-                                 data=[base64.b64encode(p).decode() for p in pngs],
-                                 parameters={"content_type": "image/png;base64"})
+        if binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them)
+            data, content_type = np.array(pngs, dtype=np.object_), "image/png"
+        else:
+            data, content_type = [base64.b64encode(p).decode() for p in pngs], "image/png;base64"
+        out = kserve.InferOutput(name="image", datatype="BYTES", shape=[len(pngs)], data=data,
+                                 parameters={"content_type": content_type})
         return kserve.InferResponse(model_name=self.name, infer_outputs=[out], response_id=request.id or "",
-                                    parameters={"steps": req["steps"], "seed": req["seed"]})
+                                    parameters={"steps": req["steps"], "seed": req["seed"]},
+                                    use_binary_outputs=binary, requested_outputs=request.request_outputs)
