@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,8 @@ import yaml
 from distillery.settings import get_settings
 
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+# KServe derives Service and host names from the InferenceService name, so it must be a DNS-1123 label.
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _resources(gpu: bool, resources: dict | None):
@@ -30,6 +33,13 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
                         V1beta1PredictorSpec)
     from kubernetes.client import ApiClient, V1ObjectMeta, V1PodSecurityContext, V1SecurityContext
 
+    if not _DNS_LABEL.match(name):
+        raise ValueError(f"InferenceService name {name!r} is not a DNS-1123 label: use lower-case letters, digits and "
+                         "'-', starting with a letter, at most 63 characters (e.g. 'tiny-sd')")
+    if not storage_uri:
+        raise ValueError("storage_uri is empty: pass the registered model directory, e.g. s3://bucket/tiny-sd/3/model")
+    if min_replicas < 0:
+        raise ValueError(f"min_replicas must be >= 0 (0 lets KServe scale to zero), got {min_replicas}")
     s = get_settings()
     model = V1beta1ModelSpec(
         name="kserve-container", model_format=V1beta1ModelFormat(name=model_format), runtime=runtime, storage_uri=storage_uri,
@@ -52,6 +62,11 @@ def to_yaml(obj: dict) -> str:
 
 def apply(obj: dict, context: str | None = None) -> str:
     """Create or patch the object on the configured cluster; without one, write the manifest and say so."""
+    if not isinstance(obj, dict) or not obj.get("metadata", {}).get("name"):
+        raise ValueError("apply() needs a manifest dict with metadata.name: pass render_inference_service(...)'s result")
+    if obj.get("kind") != "InferenceService":
+        raise ValueError(f"apply() handles InferenceService objects only, got kind {obj.get('kind')!r}; "
+                         "apply other resources with 'kubectl apply -k manifests/overlays/...'")
     s = get_settings()
     context = context or s.kube_context
     name, ns = obj["metadata"]["name"], obj["metadata"].get("namespace", s.namespace)
@@ -59,7 +74,7 @@ def apply(obj: dict, context: str | None = None) -> str:
         out = s.home_abs / "manifests" / f"{name}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(to_yaml(obj))
-        uri = obj["spec"]["predictor"]["model"]["storageUri"]
+        uri = obj.get("spec", {}).get("predictor", {}).get("model", {}).get("storageUri", "")
         note = "" if "://" in uri else " (its storageUri is a local path: set DISTILLERY_ARTIFACT_LOCATION=s3://... for a cluster)"
         return f"no cluster configured (DISTILLERY_KUBE_CONTEXT unset); rendered manifest written to {out}{note}"
     from kubernetes import client, config
