@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       eval_steps=8, gate_thresholds={"fd": ["max", 1e6], "cond_acc": ["min", 0.0]}),
         "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, eval_per_class=50,
                     eval_steps=25, gate_thresholds={"fd": ["max", 50.0], "cond_acc": ["min", 0.5]}),
-        "paper": dict(sources="mnist,emoji", resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000,
+        "paper": dict(sources="mnist", resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000,
                       unet_steps=200_000, vae_batch_size=128, unet_batch_size=128, eval_per_class=500,
                       eval_steps=50, gpu=True, gate_thresholds={"fd": ["max", 20.0], "cond_acc": ["min", 0.8]}),
     },

