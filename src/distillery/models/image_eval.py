@@ -2,7 +2,8 @@
 
 Frechet distance is computed in that network's penultimate feature space (the FID recipe with a
 domain feature extractor) and conditional accuracy asks the same network whether a generated image
-shows the class its prompt named. A user who has Inception weights passes them as `inception_path`.
+shows the class its prompt named. A user who has CLIP weights on disk passes them as `clip_path` for an
+additional Frechet distance in CLIP space.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class FeatureNet(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        if not (path / "feature_net.safetensors").exists():
+            raise FileNotFoundError(f"no feature network at {path}: expected feature_net.safetensors and config.json "
+                                    f"written by FeatureNet.save")
         net = cls(**json.loads((path / "config.json").read_text()))
         net.load_state_dict(load_file(path / "feature_net.safetensors"))
         return net.eval()
@@ -68,6 +72,16 @@ class FeatureNet(nn.Module):
 def train_feature_net(images: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int = 500,
                       batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> FeatureNet:
     """A classifier on the real training images (with small shifts as augmentation)."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(labels) != len(images) or len(images) == 0:
+        raise ValueError(f"need one label per image and at least one image, got {len(images)} images and "
+                         f"{len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = FeatureNet(num_classes)
@@ -87,17 +101,29 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, num_classes: int, 
     return net.eval()
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), regularized so small samples stay finite."""
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two feature sets (rows are samples).
+
+    Tr((S_a S_b)^1/2) equals Tr((S_a^1/2 S_b S_a^1/2)^1/2), whose argument is symmetric positive semidefinite:
+    its eigenvalues (clipped at 0) give the trace without the complex parts and blow-ups that sqrtm of the
+    non-symmetric product shows when there are fewer samples than feature dimensions."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"Frechet distance needs two (samples, features) arrays with the same feature size, "
+                         f"got shapes {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"Frechet distance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+        raise ValueError(f"Frechet distance needs at least 2 samples per set, got {len(a)} and {len(b)}; "
+                         f"generate or hold out more images")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("Frechet distance got NaN or infinite features; the images or the feature network are broken")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    offset = np.eye(len(mu_a)) * eps
-    covmean, _ = linalg.sqrtm((s_a + offset) @ (s_b + offset), disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root_a @ s_b @ root_a
+    tr_covmean = np.sqrt(np.clip(linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
+    return max(d, 0.0)  # rounding can leave a tiny negative for identical sets
 
 
 def make_grid(images, nrow: int = 8, pad: int = 2):
@@ -115,9 +141,47 @@ def make_grid(images, nrow: int = 8, pad: int = 2):
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
 
 
+class ClipFeatures:
+    """Image embeddings of a CLIP vision model a user has on disk (a transformers `save_pretrained` folder of
+    CLIPVisionModelWithProjection or CLIPVisionModel, safetensors), for a Frechet distance comparable across
+    datasets. Same `.features(images)` interface as FeatureNet; nothing is downloaded."""
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing constants
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"no CLIP vision model at {path}: pass a folder written by transformers' "
+                                    f"save_pretrained (config.json + model.safetensors), or leave the path unset to "
+                                    f"use the feature network trained on the real data")
+        from transformers import AutoConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+        arch = (AutoConfig.from_pretrained(path, local_files_only=True).architectures or [""])[0]
+        cls = CLIPVisionModelWithProjection if arch.endswith("WithProjection") else CLIPVisionModel
+        self.model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+        self.size = int(self.model.config.image_size)
+        pre = path / "preprocessor_config.json"
+        conf = json.loads(pre.read_text()) if pre.exists() else {}
+        self.mean = torch.tensor(conf.get("image_mean", self.MEAN)).view(1, 3, 1, 1)
+        self.std = torch.tensor(conf.get("image_std", self.STD)).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = (to_tensor(images[i:i + batch_size]) + 1) / 2
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+            res = self.model(pixel_values=(x - self.mean) / self.std)
+            emb = res.image_embeds if hasattr(res, "image_embeds") else res.pooler_output
+            out.append(emb.float().numpy())
+        return np.concatenate(out)
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
              resolution: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) images, one fixed seed per prompt so every evaluation sees the same noise."""
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
@@ -126,22 +190,50 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
 
 
 def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_class: int, steps: int,
-                           guidance_scale: float, seed: int = 0, inception_path: Path | None = None) -> dict:
-    """Generate `num_per_class` images per class prompt with fixed seeds; compare with the held-out real images."""
-    if inception_path is not None and not Path(inception_path).exists():
-        raise FileNotFoundError(f"Inception weights not found at {inception_path}")
-    generated, wanted, seconds = [], [], 0.0
-    for c, prompt in enumerate(holdout.class_prompts):
-        seeds = [seed * 100_003 + c * num_per_class + i for i in range(num_per_class)]
-        t = time.perf_counter()
-        generated.append(generate(pipe, [prompt] * num_per_class, seeds, steps=steps, guidance_scale=guidance_scale))
-        seconds += time.perf_counter() - t
-        wanted += [c] * num_per_class
+                           guidance_scale: float, seed: int = 0, clip_path: str | Path | None = None,
+                           grid_per_class: int = 8) -> dict:
+    """Generate `num_per_class` images for every class prompt with fixed seeds and compare them with the
+    held-out real images: Frechet distance in the feature network's space (`fd`; also `fd_clip` when a CLIP
+    vision model is given), conditional accuracy (does the feature network see the prompted class),
+    latency per image and UNet evaluations per image (counted, so guidance shows as 2 per step)."""
+    prompts = list(holdout.class_prompts)
+    if not prompts:
+        raise ValueError("the dataset has no class_prompts; evaluation needs one prompt per class")
+    if feature_net.config["num_classes"] != len(prompts):
+        raise ValueError(f"the feature network knows {feature_net.config['num_classes']} classes but the dataset "
+                         f"has {len(prompts)} class prompts; train the feature network on this dataset")
+    if num_per_class < 1 or steps < 1:
+        raise ValueError(f"num_per_class and steps must be >= 1, got {num_per_class} and {steps}")
+    if num_per_class * len(prompts) < 2 or len(holdout.images) < 2:
+        raise ValueError(f"Frechet distance needs at least 2 generated and 2 held-out images, got "
+                         f"{num_per_class * len(prompts)} and {len(holdout.images)}; raise num_per_class or the "
+                         f"holdout fraction")
+    clip = ClipFeatures(clip_path) if clip_path is not None else None  # fail before minutes of sampling
+
+    rows = []  # UNet batch rows per call: counts what guidance really costs
+    hook = pipe.unet.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0]))
+    generated, seconds = [], 0.0
+    try:
+        for c, prompt in enumerate(prompts):
+            seeds = [seed * 100_003 + c * num_per_class + i for i in range(num_per_class)]
+            t = time.perf_counter()
+            generated.append(generate(pipe, [prompt] * num_per_class, seeds, steps=steps,
+                                      guidance_scale=guidance_scale))
+            seconds += time.perf_counter() - t
+    finally:
+        hook.remove()
     images = np.concatenate(generated)
-    wanted = np.array(wanted)
-    fd = frechet_distance(feature_net.features(images), feature_net.features(holdout.images))
-    acc = float((feature_net.predict(images) == wanted).mean())
-    shown = [images[c * num_per_class + i] for c in range(len(holdout.class_prompts)) for i in range(min(8, num_per_class))]
-    return {"fd": fd, "cond_acc": acc, "latency_s": seconds / len(images),
-            "unet_evals_per_image": float(steps * (2 if guidance_scale > 1 else 1)),
-            "num_generated": float(len(images)), "grid": make_grid(shown, nrow=min(8, num_per_class))}
+    wanted = np.repeat(np.arange(len(prompts)), num_per_class)
+    predicted = feature_net.predict(images)
+    result = {
+        "fd": frechet_distance(feature_net.features(images), feature_net.features(holdout.images)),
+        "cond_acc": float((predicted == wanted).mean()),
+        "latency_s": seconds / len(images),
+        "unet_evals_per_image": float(sum(rows)) / len(images),
+        "num_generated": float(len(images)),
+    }
+    if clip is not None:
+        result["fd_clip"] = frechet_distance(clip.features(images), clip.features(holdout.images))
+    k = min(grid_per_class, num_per_class)
+    result["grid"] = make_grid([images[c * num_per_class + i] for c in range(len(prompts)) for i in range(k)], nrow=k)
+    return result

@@ -120,53 +120,98 @@ def encode_captions(captions: list[str], batch_size: int = 256) -> tuple[list[st
 
 
 def _save_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                     gen: torch.Generator) -> None:
+                     gen: torch.Generator, fingerprint: str, loss: float) -> None:
+    import shutil
+
     from safetensors.torch import save_file
 
-    tmp = ckpt / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp, last, prev = ckpt / "tmp", ckpt / "last", ckpt / "prev"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state()}, tmp / "state.pt")
-    last = ckpt / "last"
+    torch.save({"optimizer": opt.state_dict(), "step": step, "generator": gen.get_state(),
+                "fingerprint": fingerprint, "loss": loss}, tmp / "state.pt")
+    # Two renames, so a crash at any point leaves a complete checkpoint in `last` or `prev`.
+    shutil.rmtree(prev, ignore_errors=True)
     if last.exists():
-        for f in last.iterdir():
-            f.unlink()
-        last.rmdir()
-    tmp.rename(last)  # a crash mid-save leaves the previous checkpoint intact
+        last.rename(prev)
+    tmp.rename(last)
+    shutil.rmtree(prev, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                     fingerprint: str) -> tuple[int, float]:
+    """(step, loss at that step) of the newest complete checkpoint, or (0, nan) when there is none."""
     from safetensors.torch import load_file
 
-    last = ckpt / "last"
-    if not (last / "state.pt").exists():
-        return 0
-    model.load_state_dict(load_file(last / "model.safetensors"))
-    state = torch.load(last / "state.pt", weights_only=True)
+    found = [d for d in (ckpt / "last", ckpt / "prev")
+             if (d / "state.pt").exists() and (d / "model.safetensors").exists()]
+    if not found:
+        return 0, float("nan")
+    state = torch.load(found[0] / "state.pt", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"the checkpoint in {ckpt} was written by a run with other settings "
+                         f"({state.get('fingerprint')} vs {fingerprint}); delete that folder or pass another "
+                         f"checkpoint_dir")
+    model.load_state_dict(load_file(found[0] / "model.safetensors"))
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("loss", float("nan")))
 
 
 def _loop(name: str, model, opt, steps: int, checkpoint_dir: Path | None, checkpoint_every: int, gen,
-          step_fn: Callable[[int], dict], on_log: LogFn | None, log_every: int) -> dict:
-    start = _load_checkpoint(Path(checkpoint_dir), model, opt, gen) if checkpoint_dir else 0
+          step_fn: Callable[[int], dict], on_log: LogFn | None, log_every: int, fingerprint: dict) -> dict:
+    key = json.dumps({"loop": name, **fingerprint}, sort_keys=True, default=str)
+    start, last_loss = 0, float("nan")
+    if checkpoint_dir:
+        start, last_loss = _load_checkpoint(Path(checkpoint_dir), model, opt, gen, key)
+    if start > steps:
+        raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start}, past the requested {steps} steps; "
+                         f"ask for at least {start} steps or use another checkpoint_dir")
     model.train()
     t0, losses = time.perf_counter(), []
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, mininterval=2.0)
     for step in bar:
-        logs = step_fn(step)
-        losses.append(logs["loss"])
+        losses.append(step_fn(step)["loss"])
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"{name} loss became {losses[-1]} at step {step + 1}; lower the learning rate")
+        recent = float(np.mean(losses[-log_every:]))
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}")
+            bar.set_postfix(loss=f"{recent:.4f}")
             if on_log:
-                on_log({f"{name}_loss": float(np.mean(losses[-log_every:]))}, step + 1)
+                on_log({f"{name}_loss": recent}, step + 1)
         if checkpoint_dir and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _save_checkpoint(Path(checkpoint_dir), model, opt, step + 1, gen)
+            _save_checkpoint(Path(checkpoint_dir), model, opt, step + 1, gen, key, recent)
     model.eval()
-    done = steps - start
-    return {"resumed_from_step": start, f"{name}_final_loss": float(np.mean(losses[-log_every:])) if losses else float("nan"),
-            f"{name}_steps_per_s": done / max(time.perf_counter() - t0, 1e-9)}
+    seconds = time.perf_counter() - t0
+    return {"resumed_from_step": start,
+            f"{name}_final_loss": float(np.mean(losses[-log_every:])) if losses else last_loss,
+            f"{name}_steps_per_s": (steps - start) / seconds if steps > start else 0.0}
+
+
+def _check_training_args(dataset, cfg: TinySDConfig, *, steps: int, batch_size: int, lr: float,
+                         checkpoint_every: int, log_every: int, captions: bool) -> None:
+    images = getattr(dataset, "images", None)
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError("dataset.images must be a uint8 array (N, H, W, 3); got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
+    if len(images) == 0:
+        raise ValueError("the dataset has no images (is the train split empty?)")
+    if images.shape[1:3] != (cfg.resolution, cfg.resolution):
+        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model is built for "
+                         f"{cfg.resolution}x{cfg.resolution}; set TinySDConfig(resolution=...) to the dataset's")
+    if captions:
+        caps = list(getattr(dataset, "captions", []))
+        if len(caps) != len(images):
+            raise ValueError(f"need one caption per image, got {len(caps)} captions for {len(images)} images")
+        if not all(isinstance(c, str) and c.strip() for c in caps):
+            raise ValueError("captions must be non-empty strings (the empty caption is reserved for guidance)")
+    for field_name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                              ("log_every", log_every)):
+        if int(value) < 1:
+            raise ValueError(f"{field_name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 # ------------------------------------------------------------------------------------------------- VAE
@@ -176,6 +221,8 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
               kl_weight: float = 1e-4, seed: int = 0, checkpoint_dir: Path | None = None, checkpoint_every: int = 100,
               on_log: LogFn | None = None, log_every: int = 20) -> dict:
     """Reconstruction (L1 + MSE) plus a small KL term; the latents' scale is recorded as `scaling_factor`."""
+    _check_training_args(dataset, cfg, steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                         log_every=log_every, captions=False)
     torch.manual_seed(seed)
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -193,7 +240,8 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = _loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every)
+    metrics = _loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
+                    dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, kl_weight=kl_weight, seed=seed))
     with torch.no_grad():
         sample = x_all[:256]
         post = vae.encode(sample).latent_dist
@@ -227,8 +275,18 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
     dropped to "" with probability `cond_dropout`, the unconditional input classifier-free guidance uses."""
     from diffusers import AutoencoderKL
 
+    _check_training_args(dataset, cfg, steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                         log_every=log_every, captions=True)
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+    if not (Path(vae_dir) / "config.json").exists():
+        raise FileNotFoundError(f"no VAE at {vae_dir}: pass the out_dir of train_vae "
+                                f"(a diffusers AutoencoderKL folder)")
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    if vae.config.latent_channels != cfg.latent_channels:
+        raise ValueError(f"the VAE in {vae_dir} has {vae.config.latent_channels} latent channels, the config "
+                         f"{cfg.latent_channels}; train the VAE and UNet with the same TinySDConfig")
     with torch.no_grad():
         x = to_tensor(dataset.images)
         posts = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
@@ -259,7 +317,9 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = _loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every)
+    metrics = _loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
+                    dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, cond_dropout=cond_dropout, seed=seed,
+                         vae_scaling_factor=vae.config.scaling_factor))
     pipe = assemble(vae, unet, cfg)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
