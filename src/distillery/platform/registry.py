@@ -3,6 +3,8 @@ aliases `champion`/`challenger`, gated promotion and rollback.
 
 A version's source is the folder as logged artifacts of the run that registered it, so `models:/NAME@champion`
 downloads the same folder anywhere, and the InferenceService's storageUri points at it on the object store.
+Metrics travel with the version as `metric.<name>` tags, so the gate can compare with the champion without
+knowing which run produced it.
 """
 
 from __future__ import annotations
@@ -11,26 +13,49 @@ import json
 import math
 from pathlib import Path
 
-from distillery.platform.tracking import client
+from distillery.platform.tracking import client, configure
 
 CHAMPION, CHALLENGER, HISTORY = "champion", "challenger", "distillery.champion_history"
+_PICKLES = (".pkl", ".pickle")
+
+
+class RegistryError(LookupError):
+    pass
+
+
+def _error_code(e: Exception) -> str:
+    return getattr(e, "error_code", "") or ""
 
 
 def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = None, metrics: dict | None = None) -> str:
-    """Log `local_dir` under the run's artifacts and register it as a new version (aliased challenger)."""
+    """Log `local_dir` under the run's artifacts (`model/`) and register it as a new version aliased `challenger`.
+    Returns the version number as a string."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    local_dir = Path(local_dir)
+    files = [p for p in local_dir.rglob("*") if p.is_file()] if local_dir.is_dir() else []
+    if not files:
+        raise ValueError(f"register_dir needs a non-empty model folder (e.g. from save_pretrained); {local_dir} is "
+                         "missing or empty")
+    pickles = [str(p.relative_to(local_dir)) for p in files if p.suffix in _PICKLES]
+    if pickles:
+        raise ValueError(f"refusing to register pickled files {pickles}: save weights with safetensors "
+                         "(save_pretrained(..., safe_serialization=True)) instead")
     c = client()
-    if mlflow.active_run() and mlflow.active_run().info.run_id == run_id:
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
         mlflow.log_artifacts(str(local_dir), "model")
     else:
         c.log_artifacts(run_id, str(local_dir), "model")
     try:
-        c.create_registered_model(name)
-    except Exception:  # noqa: BLE001 - it exists already
-        pass
+        c.create_registered_model(name, tags={"distillery.format": "model-folder"})
+    except MlflowException as e:
+        if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
+            raise
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    mtags = {**(tags or {}), **{f"metric.{k}": str(v) for k, v in (metrics or {}).items() if _number(v)}}
+    mtags = {**{k: str(v) for k, v in (tags or {}).items()},
+             **{f"metric.{k}": repr(float(v)) for k, v in (metrics or {}).items() if _number(v)}}
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=mtags)
     c.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
@@ -41,10 +66,15 @@ def _number(v) -> bool:
 
 
 def champion(name: str):
+    """The champion's ModelVersion, or None when the model or the alias does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client().get_model_version_by_alias(name, CHAMPION)
-    except Exception:  # noqa: BLE001 - no model or no alias yet
-        return None
+    except MlflowException as e:
+        if _error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def champion_metrics(name: str) -> dict[str, float]:
@@ -54,29 +84,49 @@ def champion_metrics(name: str) -> dict[str, float]:
     return {k.removeprefix("metric."): float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
 
 
+def _model(name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_registered_model(name)
+    except MlflowException as e:
+        if _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name!r}; `distillery models` lists them") from None
+        raise
+
+
 def _history(name: str) -> list[str]:
-    tags = client().get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY, "[]"))
+    return json.loads(_model(name).tags.get(HISTORY, "[]"))
 
 
 def promote(name: str, version: str) -> None:
     """Alias `version` champion; the champion it replaces is remembered for `rollback`."""
+    from mlflow.exceptions import MlflowException
+
     c = client()
-    c.get_model_version(name, str(version))  # fails clearly for an unknown version
+    history = _history(name)
+    try:
+        c.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise RegistryError(f"{name} has no version {version!r}") from e
     current = champion(name)
     if current is not None and str(current.version) == str(version):
         return
-    history = _history(name) + ([str(current.version)] if current is not None else [])
-    c.set_registered_model_alias(name, CHAMPION, str(version))
+    if current is not None:
+        history.append(str(current.version))
     c.set_registered_model_tag(name, HISTORY, json.dumps(history[-50:]))
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    aliases = dict(_model(name).aliases or {})
+    if str(aliases.get(CHALLENGER, "")) == str(version):
+        c.delete_registered_model_alias(name, CHALLENGER)  # it won: no longer a challenger
 
 
 def rollback(name: str) -> str:
-    """Move `champion` back to the previous champion."""
+    """Move `champion` back to the previous champion; returns that version."""
     c = client()
     history = _history(name)
     if not history:
-        raise ValueError(f"{name} has no previous champion to roll back to")
+        raise ValueError(f"{name} has no previous champion to roll back to (it was promoted at most once)")
     previous = history.pop()
     c.set_registered_model_alias(name, CHAMPION, previous)
     c.set_registered_model_tag(name, HISTORY, json.dumps(history))
@@ -84,10 +134,12 @@ def rollback(name: str) -> str:
 
 
 def version_for_run(name: str, parent_run_id: str) -> str | None:
-    """The version a pipeline run registered, if any."""
+    """The newest version a pipeline run registered (tagged with its parent run id), if any."""
+    from mlflow.exceptions import MlflowException
+
     try:
         versions = client().search_model_versions(f"name='{name}'")
-    except Exception:  # noqa: BLE001
+    except MlflowException:
         return None
     hits = [v for v in versions if v.tags.get("parent_run_id") == parent_run_id]
     return str(max(int(v.version) for v in hits)) if hits else None
@@ -99,33 +151,45 @@ def storage_uri(name: str, version: str) -> str:
 
 
 def download(name: str, ref: str = CHAMPION, dst: Path | None = None) -> Path:
-    """`models:/NAME@alias` or `models:/NAME/version` -> a local folder."""
+    """`models:/NAME@alias` (ref an alias) or `models:/NAME/N` (ref a version number) -> a local folder that
+    `from_pretrained` loads."""
     import mlflow
-
-    from distillery.platform.tracking import configure
+    from mlflow.exceptions import MlflowException
 
     configure()
-    uri = f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
+    ref = str(ref)
+    uri = f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"
     if dst is not None:
         Path(dst).mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    except MlflowException as e:
+        if _error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise RegistryError(f"cannot resolve {uri}: {e.message}. Register a version first, or pass an "
+                                "existing alias/version") from e
+        raise
 
 
 def list_models() -> list[dict]:
+    """One dict per registered model: name, versions, aliases (alias -> version), champion metrics."""
     c = client()
     out = []
     for rm in c.search_registered_models():
         versions = c.search_model_versions(f"name='{rm.name}'")
-        out.append({"name": rm.name, "versions": sorted(str(v.version) for v in versions),
-                    "aliases": dict(rm.aliases or {}), "champion_metrics": champion_metrics(rm.name)})
+        out.append({"name": rm.name, "versions": sorted((str(v.version) for v in versions), key=int),
+                    "aliases": {k: str(v) for k, v in (rm.aliases or {}).items()},
+                    "champion_metrics": champion_metrics(rm.name)})
     return out
 
 
 def gate(metrics: dict, thresholds: dict, champion_metrics: dict, directions: dict) -> tuple[bool, list[str]]:
     """Every threshold must hold (`{"fd": ("max", 50.0)}`) and the candidate must not be worse than the champion
-    on the primary metric (the first of `directions`, e.g. `{"fd": "min"}`)."""
+    on the primary metric (the first of `directions`, e.g. `{"fd": "min"}`). Returns (passed, reasons)."""
     reasons = []
-    for metric, (kind, bound) in thresholds.items():
+    for metric, spec in thresholds.items():
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2 or spec[0] not in ("max", "min") or not _number(spec[1]):
+            raise ValueError(f"threshold for {metric} must be ('max' or 'min', number), got {spec!r}")
+        kind, bound = spec
         value = metrics.get(metric)
         if not _number(value):
             reasons.append(f"{metric} missing or not a finite number ({value!r})")
@@ -133,13 +197,17 @@ def gate(metrics: dict, thresholds: dict, champion_metrics: dict, directions: di
             reasons.append(f"{metric}={value:.4g} is above the maximum {bound:.4g}")
         elif kind == "min" and value < bound:
             reasons.append(f"{metric}={value:.4g} is below the minimum {bound:.4g}")
-        elif kind not in ("max", "min"):
-            reasons.append(f"threshold kind for {metric} must be 'max' or 'min', got {kind!r}")
+    bad = {k: v for k, v in directions.items() if v not in ("min", "max")}
+    if bad:
+        raise ValueError(f"directions must be 'min' (lower is better) or 'max', got {bad}")
     if directions:
         primary, direction = next(iter(directions.items()))
         ours, theirs = metrics.get(primary), champion_metrics.get(primary)
-        if _number(ours) and _number(theirs):
-            worse = ours > theirs if direction == "min" else ours < theirs
-            if worse:
-                reasons.append(f"{primary}={ours:.4g} is worse than the champion's {theirs:.4g}")
+        if _number(theirs):
+            if not _number(ours):
+                reasons.append(f"{primary} missing or not a finite number ({ours!r}): cannot compare with the "
+                               f"champion's {theirs:.4g}")
+            elif (ours > theirs) if direction == "min" else (ours < theirs):
+                reasons.append(f"{primary}={ours:.4g} is worse than the champion's {theirs:.4g} "
+                               f"({'lower' if direction == 'min' else 'higher'} is better)")
     return not reasons, reasons

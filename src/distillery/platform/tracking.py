@@ -3,14 +3,19 @@
 Steps run in separate processes (the KFP runner's subprocesses or a cluster's pods). They find their
 parent run from the settings (`distillery run` opens it and names it in DISTILLERY_PARENT_RUN_ID) or,
 on a cluster, by the KFP run id: the first step of a KFP run creates the parent and the others find it.
+Everything switches by settings alone: sqlite + local artifacts by default, an MLflow server with an
+s3:// artifact root (any S3 endpoint) in production.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,15 +23,24 @@ from typing import Any, Iterator
 from distillery.settings import get_settings
 
 log = logging.getLogger(__name__)
+
 ROLE = "distillery.role"
+PARENT_TAG = "mlflow.parentRunId"
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
 def configure() -> None:
+    """Point MLflow at the configured tracking and registry stores (idempotent, cheap to call again)."""
     import mlflow
 
     s = get_settings()
-    mlflow.set_tracking_uri(s.mlflow_tracking_uri)
-    mlflow.set_registry_uri(s.mlflow_registry_uri)
+    if s.s3_endpoint_url:
+        # MLflow's S3 artifact repository takes its endpoint from this variable only; we set it, never read it.
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = s.s3_endpoint_url
+    if mlflow.get_tracking_uri() != s.mlflow_tracking_uri:
+        mlflow.set_tracking_uri(s.mlflow_tracking_uri)
+    if mlflow.get_registry_uri() != s.mlflow_registry_uri:
+        mlflow.set_registry_uri(s.mlflow_registry_uri)
 
 
 def tracking_uri() -> str:
@@ -42,107 +56,163 @@ def client():
 
 
 def experiment_for(pipeline: str) -> str:
-    """The experiment `distillery/<pipeline>`, created with the configured artifact root."""
+    """The experiment `distillery/<pipeline>`, created with artifact root `<artifact_location>/<pipeline>`."""
+    from mlflow.entities import LifecycleStage
+
+    if not pipeline or "/" in pipeline:
+        raise ValueError(f"pipeline name must be a non-empty name without '/', got {pipeline!r}")
     c = client()
     name = f"distillery/{pipeline}"
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = get_settings().mlflow_artifact_location.rstrip("/")
-    try:
-        return c.create_experiment(name, artifact_location=f"{root}/{pipeline}", tags={"pipeline": pipeline})
-    except Exception:  # noqa: BLE001 - another step created it at the same moment
+    for _ in range(3):
         exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            if exp.lifecycle_stage == LifecycleStage.DELETED:
+                c.restore_experiment(exp.experiment_id)  # a deleted experiment would refuse every new run
+            return exp.experiment_id
+        root = get_settings().mlflow_artifact_location.rstrip("/")
+        try:
+            return c.create_experiment(name, artifact_location=f"{root}/{pipeline}", tags={"pipeline": pipeline})
+        except Exception:  # noqa: BLE001 - another process created it at the same moment: look again
+            time.sleep(0.2)
+    raise RuntimeError(f"could not create or find the MLflow experiment {name} in {tracking_uri()}")
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit the code runs from, or "unknown" outside a git checkout (e.g. in the container)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def _flat(params: dict[str, Any]) -> dict[str, str]:
-    return {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000] for k, v in params.items()}
+    return {k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v))[:6000] for k, v in params.items()}
 
 
 def start_pipeline_run(pipeline: str, params: dict[str, Any], tags: dict[str, str] | None = None,
                        kfp_run_id: str = "") -> str:
     """Open the parent run of one pipeline run; it stays RUNNING until `finish_pipeline_run`."""
+    from mlflow.entities import Param
+
     c = client()
-    run = c.create_run(experiment_for(pipeline), run_name=f"{pipeline}",
+    run = c.create_run(experiment_for(pipeline), run_name=pipeline,
                        tags={ROLE: "pipeline", "pipeline": pipeline, "kfp_run_id": kfp_run_id,
-                             "git_commit": git_commit(), **(tags or {})})
-    for k, v in _flat(params).items():
-        c.log_param(run.info.run_id, k, v)
+                             "git_commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}})
+    flat = list(_flat(params).items())
+    for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
+        c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat[i:i + 100]])
     return run.info.run_id
 
 
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
+    if status not in TERMINAL:
+        raise ValueError(f"status must be one of {TERMINAL}, got {status!r}")
     client().set_terminated(run_id, status)
 
 
+def _parents_for_kfp_run(c, exp: str, kfp_run_id: str) -> list:
+    query = f"tags.`{ROLE}` = 'pipeline' and tags.kfp_run_id = '{kfp_run_id}'"
+    runs = c.search_runs([exp], filter_string=query, max_results=50)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
 def _parent_for_kfp_run(pipeline: str, kfp_run_id: str) -> str:
+    """Find-or-create the parent run of a KFP run. Steps may race: every process that created one looks
+    again, all agree on the oldest, and a duplicate is deleted by the process that made it."""
+    if "'" in kfp_run_id:
+        raise ValueError(f"kfp_run_id must not contain quotes, got {kfp_run_id!r}")
     c = client()
     exp = experiment_for(pipeline)
-    query = f"tags.`{ROLE}` = 'pipeline' and tags.kfp_run_id = '{kfp_run_id}'"
-    found = c.search_runs([exp], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+    found = _parents_for_kfp_run(c, exp, kfp_run_id)
     if found:
         return found[0].info.run_id
-    return start_pipeline_run(pipeline, {}, tags={"runner": "kfp"}, kfp_run_id=kfp_run_id)
+    mine = start_pipeline_run(pipeline, {}, tags={"runner": "kfp"}, kfp_run_id=kfp_run_id)
+    winner = _parents_for_kfp_run(c, exp, kfp_run_id)[0].info.run_id
+    if winner != mine:
+        c.delete_run(mine)
+    return winner
+
+
+def _run_tags(c, run_id: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_run(run_id).data.tags
+    except MlflowException as e:
+        raise LookupError(f"parent run {run_id!r} not found in {tracking_uri()}: the parent run id (e.g. "
+                          "DISTILLERY_PARENT_RUN_ID) must come from the same tracking store") from e
 
 
 @contextmanager
 def step_run(pipeline: str, step: str, parent_run_id: str = "", kfp_run_id: str = "",
              tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """A nested run for one step; FAILED (and re-raised) if the step raises."""
-    import mlflow
+    """A nested run for one step, made the active MLflow run; FAILED (and re-raised) if the step raises.
 
-    configure()
+    Tags: pipeline, task, kfp_run_id, git_commit, data_revision (inherited from the parent once the data
+    step recorded it, or given in `tags`), mlflow.parentRunId.
+    """
+    import mlflow
+    from mlflow.tracking.context import registry as context_registry
+
+    c = client()
     parent = parent_run_id or (_parent_for_kfp_run(pipeline, kfp_run_id) if kfp_run_id else "")
-    parent_tags = client().get_run(parent).data.tags if parent else {}
+    parent_tags = _run_tags(c, parent) if parent else {}
     all_tags = {ROLE: "step", "pipeline": pipeline, "task": step, "kfp_run_id": kfp_run_id,
-                "git_commit": git_commit(), **({"data_revision": parent_tags["data_revision"]}
-                                                if "data_revision" in parent_tags else {}), **(tags or {})}
+                "git_commit": git_commit()}
+    for inherited in ("data_revision", "data_content_sha256"):
+        if inherited in parent_tags:
+            all_tags[inherited] = parent_tags[inherited]
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     if parent:
-        all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=experiment_for(pipeline), run_name=step, tags=all_tags) as run:
+        all_tags[PARENT_TAG] = parent
+    all_tags = context_registry.resolve_tags(all_tags)
+    # Created by the client and then activated: this keeps our parent even if another run is active here.
+    created = c.create_run(experiment_for(pipeline), run_name=step, tags=all_tags)
+    with mlflow.start_run(run_id=created.info.run_id, nested=mlflow.active_run() is not None) as run:
         try:
             yield run
-        except BaseException:
-            mlflow.end_run("FAILED")
+        except BaseException as e:
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+            mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
 
 
-def set_data_revision(revision: str, content_hash: str = "") -> None:
-    """Record the data revision on the step's run and its parent, so every later step inherits it."""
+def set_data_revision(revision: str, content_hash: str = "", run_id: str | None = None) -> None:
+    """Record the data revision on the step's run and on its parent, so every later step inherits it."""
     import mlflow
 
-    run = mlflow.active_run()
+    c = client()
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("set_data_revision needs an active step run (inside step_run) or an explicit run_id")
+        run_id = active.info.run_id
     tags = {"data_revision": revision, **({"data_content_sha256": content_hash} if content_hash else {})}
-    mlflow.set_tags(tags)
-    parent = run.data.tags.get("mlflow.parentRunId") if run else None
-    if parent:
-        c = client()
+    parent = c.get_run(run_id).data.tags.get(PARENT_TAG)
+    for rid in filter(None, (run_id, parent)):
         for k, v in tags.items():
-            c.set_tag(parent, k, v)
+            c.set_tag(rid, k, v)
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str, float]:
+    """Log the finite numbers of `metrics` to the active run; NaN/inf/non-numbers are skipped with a warning.
+    Returns what was logged."""
     import mlflow
 
     finite = {}
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            finite[k] = float(v)
+        elif isinstance(v, bool):
             finite[k] = float(v)
         else:
             log.warning("not logging metric %s=%r (not a finite number)", k, v)
     if finite and mlflow.active_run():
         mlflow.log_metrics(finite, step=step)
+    return finite
 
 
 def log_image(image, name: str) -> None:
@@ -151,10 +221,13 @@ def log_image(image, name: str) -> None:
     mlflow.log_image(image, artifact_file=name)
 
 
-def log_html(path: Path, name: str) -> None:
+def log_html(html: Path | str, name: str) -> None:
+    """Log an HTML report given as a file path or as the HTML text itself."""
     import mlflow
 
-    mlflow.log_text(Path(path).read_text(), name)
+    is_path = isinstance(html, Path) or ("<" not in html and len(html) < 1024 and Path(html).is_file())
+    text = Path(html).read_text() if is_path else html
+    mlflow.log_text(text, name if name.endswith((".html", ".htm")) else f"{name}.html")
 
 
 def log_dict(obj: dict, name: str) -> None:
@@ -172,4 +245,7 @@ def log_figure(fig, name: str) -> None:
 def log_dir(local_dir: Path, artifact_path: str) -> None:
     import mlflow
 
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise NotADirectoryError(f"log_dir needs a folder, {local_dir} is not one")
     mlflow.log_artifacts(str(local_dir), artifact_path)

@@ -1,0 +1,162 @@
+"""Optuna studies on RDB storage (sqlite embedded, PostgreSQL in production): parallel workers (processes or
+pods) share one study by name; every trial is an MLflow run nested under the worker's step run (or the
+pipeline's parent run), holding the trial's params, intermediate values, value and final state.
+
+Optuna's MLflowCallback is deprecated, and logs only after a trial ends; here the trial's run is active while
+the objective runs, so the objective may log its own metrics and artifacts into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from distillery.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("minimize", "maximize")
+
+
+def storage(url: str | None = None):
+    """The RDB storage at `url` (default: settings.optuna_storage_url)."""
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    url = url or get_settings().optuna_storage_url
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # workers in other processes hold the write lock briefly
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except OperationalError:  # workers starting together on a new database race to create its tables
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def default_pruner():
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+
+
+def create_study(name: str, direction: str = "minimize", storage: Any = None, sampler_seed: int | None = 0,
+                 pruner=None):
+    """Create the study, or load it when another worker already did (so parallel workers share it).
+
+    `storage` is an RDB URL or an Optuna storage (default: settings.optuna_storage_url). Each worker gets its own
+    sampler: give parallel workers different `sampler_seed`s or they propose the same first points.
+    """
+    import optuna
+
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    study = optuna.create_study(study_name=name, storage=_storage(storage), direction=direction, load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                                pruner=pruner if pruner is not None else default_pruner())
+    existing = study.direction.name.lower()
+    if existing != direction:
+        raise ValueError(f"study {name!r} already exists with direction {existing}; use a new study name or "
+                         f"direction={existing!r}")
+    return study
+
+
+def _storage(url_or_storage: Any):
+    return storage(url_or_storage) if url_or_storage is None or isinstance(url_or_storage, str) else url_or_storage
+
+
+def run_worker(study_name: str, objective: Callable, n_trials: int, pipeline: str = "", parent_run_id: str = "",
+               *, direction: str = "minimize", storage: Any = None, sampler_seed: int | None = 0,
+               pruner=None, catch: tuple = ()) -> dict:
+    """Run `n_trials` of the shared study in this process; each trial is an MLflow run nested under the active
+    run (the worker's step run), else under `parent_run_id` in the experiment of `pipeline`.
+
+    Returns {"trials": trials in the study so far (all workers), "finished_here", "best_value", "best_params"}.
+    """
+    import mlflow
+    import optuna
+
+    from distillery.platform import tracking
+
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    study = create_study(study_name, direction, storage, sampler_seed, pruner)
+    active = mlflow.active_run()
+    if active is None and not pipeline:
+        raise ValueError("run_worker needs an active step run (inside step_run) or a pipeline name to log trials to")
+    # Trials live in their parent's experiment, so the MLflow UI shows them nested.
+    experiment_id = active.info.experiment_id if active is not None else tracking.experiment_for(pipeline)
+    parent = active.info.run_id if active is not None else parent_run_id
+    base_tags = {tracking.ROLE: "trial", "optuna.study": study_name, "git_commit": tracking.git_commit(),
+                 **({"pipeline": pipeline} if pipeline else {})}
+    if active is not None:
+        base_tags.update({k: v for k, v in active.data.tags.items() if k in ("kfp_run_id", "data_revision")})
+    c = tracking.client()
+    done_here = []
+
+    def tracked(trial: optuna.Trial) -> float:
+        tags = {**base_tags, "optuna.trial": str(trial.number), **({tracking.PARENT_TAG: parent} if parent else {})}
+        run = c.create_run(experiment_id, run_name=f"{study_name}-trial-{trial.number}", tags=tags)
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        # Active while the objective runs, so its own mlflow.log_* calls land in the trial's run.
+        mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None)
+        status = "FAILED"
+        try:
+            value = objective(trial)
+            status = "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            status = "FINISHED"  # a normal outcome; the callback records state PRUNED
+            raise
+        except BaseException as e:  # not caught by Optuna: the callback will not run, so record it here
+            mlflow.set_tags({"optuna.state": "FAIL", "error": f"{type(e).__name__}: {e}"[:5000]})
+            mlflow.log_params({k: str(v) for k, v in trial.params.items()})
+            raise
+        finally:
+            mlflow.end_run(status)
+
+    def record_finished(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        run_id = frozen.user_attrs.get("mlflow_run_id")
+        if run_id:
+            _record(c, run_id, frozen)
+            done_here.append(frozen.number)
+
+    study.optimize(tracked, n_trials=n_trials, catch=catch, callbacks=[record_finished], gc_after_trial=False)
+    try:
+        best_value, best = study.best_value, study.best_params
+    except ValueError:  # no trial completed (all pruned or failed)
+        best_value, best = None, {}
+    return {"trials": len(study.trials), "finished_here": len(done_here), "best_value": best_value,
+            "best_params": best}
+
+
+def _record(c, run_id: str, frozen) -> None:
+    """Params, intermediate values (metric history), value and final state of one finished trial on its run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("intermediate_value", float(v), now, int(step))
+               for step, v in sorted(frozen.intermediate_values.items())]
+    if frozen.state.name == "COMPLETE" and frozen.value is not None:
+        metrics.append(Metric("objective", float(frozen.value), now, 0))
+    existing = c.get_run(run_id).data.params
+    params = [Param(k, str(v)) for k, v in frozen.params.items() if k not in existing]
+    c.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("optuna.state", frozen.state.name)])
+    if frozen.state.name == "FAIL":  # e.g. the objective returned NaN, or raised an exception listed in `catch`
+        c.set_terminated(run_id, "FAILED")
+
+
+def best_params(study_name: str, storage: Any = None) -> dict:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=_storage(storage))
+    except KeyError as e:
+        raise LookupError(f"no Optuna study named {study_name!r} in the configured storage") from e
+    try:
+        return study.best_params
+    except ValueError as e:
+        raise LookupError(f"study {study_name!r} has no completed trial yet") from e
