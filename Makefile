@@ -35,7 +35,7 @@ compile: $(STAMP)
 	$(VENV)/bin/distillery compile --out build/pipelines
 
 test: data services
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 bench: data
 	$(PY) bench/orchestration.py
