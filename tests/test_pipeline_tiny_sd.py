@@ -99,29 +99,42 @@ def test_registered_champion_loads_in_a_fresh_process_without_distillery(smoke, 
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_compiled_yaml_runs_locally_and_failing_gate_registers_nothing(smoke, tmp_path):
-    """The compiled IR YAML, loaded back, runs with the local runner; a gate nobody can pass stops the release."""
+def test_cached_rerun_with_a_failing_gate_registers_nothing(smoke):
+    """Same parameters with caching: data and training come from the cache; a gate nobody can pass stops the release."""
+    home, _ = smoke
+    strict = json.dumps({"fd": ["max", 0.0], "cond_acc": ["min", 1.01]})
+    proc = _cli(home, "run", "tiny-sd", "--profile", "smoke", "--cache", "--set", f"gate_thresholds={strict}")
+    assert "the gate did not pass" in proc.stdout
+    client = _mlflow(home)
+    trained = [r for r in _runs(client) if r.data.tags.get("task") in {"data", "train-vae", "train-unet"}]
+    assert len(trained) == 3, "cached steps ran again"  # only the first run's
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-sd'")] == ["1"]
+    assert str(client.get_model_version_by_alias("tiny-sd", "champion").version) == "1"
+    gates = [r for r in _runs(client) if r.data.tags.get("task") == "gate" and r.data.metrics.get("gate_passed") == 0.0]
+    assert len(gates) == 1, "the failing gate left no record"
+
+
+def test_compiled_yaml_loads_back_and_runs_locally(smoke, tmp_path):
+    """The IR YAML the KFP UI takes, loaded back and run with the local runner (tiny step counts)."""
     home, _ = smoke
     package = tmp_path / "tiny-sd.yaml"
     _cli(home, "compile", "tiny-sd", "--profile", "smoke", "--out", str(tmp_path))
-    assert package.exists()
-    strict = {"fd": ["max", 0.0], "cond_acc": ["min", 1.01]}
+    overrides = {"feature_steps": 20, "vae_steps": 10, "unet_steps": 10, "eval_per_class": 2, "eval_steps": 2,
+                 "model_name": "tiny-sd-yaml"}
     code = (
-        "import json, sys\n"
         "from distillery.platform import kfp_runtime\n"
         f"p = kfp_runtime.load_compiled({str(package)!r})\n"
-        f"kfp_runtime.run_local(p, {{'gate_thresholds': json.loads({json.dumps(json.dumps(strict))})}}, caching=True)\n"
+        f"kfp_runtime.run_local(p, {overrides!r})\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(home), capture_output=True, text=True,
                          timeout=1500)
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    assert "cache hit" in (out.stdout + out.stderr)  # training steps reused from the first run
     client = _mlflow(home)
-    versions = client.search_model_versions("name='tiny-sd'")
-    assert [str(v.version) for v in versions] == ["1"]
-    assert str(client.get_model_version_by_alias("tiny-sd", "champion").version) == "1"
-    gates = [r for r in _runs(client) if r.data.tags.get("task") == "gate" and r.data.metrics.get("gate_passed") == 0.0]
-    assert gates, "the failing gate left no record"
+    assert str(client.get_model_version_by_alias("tiny-sd-yaml", "champion").version) == "1"
+
+
+def yaml_parents(client) -> set:
+    return {r.info.run_id for r in _runs(client) if r.data.tags.get("runner") == "kfp"}
 
 
 def test_bad_data_stops_the_dag_at_validation(smoke, tmp_path):
@@ -143,7 +156,8 @@ def test_bad_data_stops_the_dag_at_validation(smoke, tmp_path):
              if r.data.tags.get("mlflow.parentRunId") and r.info.status != "FINISHED"]
     assert "validate" in tasks
     assert not client.search_model_versions("name='tiny-sd-bad'")
-    trained = [r for r in _runs(client) if r.data.tags.get("task") in {"train-vae", "train-unet"}]
+    trained = [r for r in _runs(client) if r.data.tags.get("task") in {"train-vae", "train-unet"}
+               and r.data.tags.get("mlflow.parentRunId") not in yaml_parents(client)]
     assert len(trained) == 2  # only the first smoke run's
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
 
-def test_step_runs_nest_under_the_parent_with_lineage_tags(home):
+def test_step_runs_nest_under_the_parent_with_lineage_tags(home, tmp_path):
     from distillery.platform import tracking
     from distillery.platform.stepping import run_step
 
@@ -15,6 +16,7 @@ def test_step_runs_nest_under_the_parent_with_lineage_tags(home):
 
     class KfpMetrics:
         logged = {}
+        path = str(tmp_path / "metrics")
 
         def log_metric(self, k, v):
             self.logged[k] = v
@@ -23,6 +25,7 @@ def test_step_runs_nest_under_the_parent_with_lineage_tags(home):
     result = run_step(lambda x: {"score": x * 2, "note": "text", "bad": float("nan")}, pipeline="demo", step="one",
                       kfp_run_id="kfp-1", kfp_metrics=km, x=3)
     assert result["score"] == 6 and km.logged == {"score": 6.0}
+    assert json.loads((tmp_path / "metrics").read_text()) == {"score": 6.0}  # a file, so KFP's cache can reuse it
 
     with pytest.raises(RuntimeError):
         with tracking.step_run("demo", "two", parent_run_id=parent, kfp_run_id="kfp-1"):

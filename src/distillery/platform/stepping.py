@@ -5,7 +5,9 @@ returned numbers become MLflow metrics and KFP Metrics, its exceptions fail both
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -30,9 +32,14 @@ def run_step(
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         tracking.log_metrics(numbers)
         if kfp_metrics is not None:
-            for k, v in numbers.items():
-                if math.isfinite(v):
-                    kfp_metrics.log_metric(k, v)
+            finite = {k: v for k, v in numbers.items() if math.isfinite(v)}
+            for k, v in finite.items():
+                kfp_metrics.log_metric(k, v)
+            # The metrics also go to the artifact's file: KFP's local cache treats an output whose file is
+            # missing as a miss, so a step with only metadata in its Metrics would never be reused.
+            path = Path(kfp_metrics.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(finite, indent=1))
         return result
 
 
