@@ -13,14 +13,7 @@ from distillery.data import build_image_caption_dataset, load_image_caption_data
 from distillery.models import image_eval, tiny_sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads spinning against
-    other processes make each step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():

