@@ -176,7 +176,7 @@ def test_compare_notebook_executes_headless(smoke, monkeypatch):
     monkeypatch.setenv("DISTILLERY_HOME", str(home))
     nb = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    table = nb.cells[2].outputs[0]["data"]["text/plain"]
+    table = next(o for o in nb.cells[2].outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
     assert "cond_acc" in table and "fd" in table
     assert any("image/png" in o.get("data", {}) for o in nb.cells[3].outputs)
 
