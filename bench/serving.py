@@ -34,6 +34,41 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def start_server(model_dir: Path, name: str) -> tuple[subprocess.Popen, str, float]:
+    """`python -m distillery.serving` on a free loopback port; returns (process, base URL, seconds to ready)."""
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
+                               "--model-name", name, "--http-port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return server, url, time.perf_counter() - t0
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None or time.perf_counter() - t0 > 120:
+            server.kill()
+            raise SystemExit(f"the server for {model_dir} did not become ready")
+        time.sleep(0.1)
+
+
+def latencies(predict_url: str, body: dict, n: int) -> list[float]:
+    """Seconds per sequential V1 request, a new seed each time."""
+    import requests
+
+    out = []
+    for i in range(n):
+        b = {"instances": [{**body["instances"][0], "seed": i}]}
+        t = time.perf_counter()
+        requests.post(predict_url, json=b, timeout=120).raise_for_status()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path)
@@ -70,33 +105,13 @@ def main() -> None:
         local_call(i)
         local.append(time.perf_counter() - t)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
-                               "--model-name", "tiny-sd", "--http-port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, url, cold = start_server(model_dir, "tiny-sd")
     try:
-        while True:
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.perf_counter() - t0 > 120:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.1)
-        cold = time.perf_counter() - t0
         predict = f"{url}/v1/models/tiny-sd:predict"
         r = requests.post(predict, json=body, timeout=60)
         r.raise_for_status()
         base64.b64decode(r.json()["predictions"][0]["image_png_b64"])
-        served = []
-        for i in range(opts.requests):
-            body["instances"][0]["seed"] = i
-            t = time.perf_counter()
-            requests.post(predict, json=body, timeout=60).raise_for_status()
-            served.append(time.perf_counter() - t)
+        served = latencies(predict, body, opts.requests)
 
         def one(i: int) -> None:
             b = {"instances": [{**body["instances"][0], "seed": i}]}

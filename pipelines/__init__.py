@@ -6,6 +6,7 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
+    from pipelines.scott import scott
     from pipelines.tiny_sd import tiny_sd
 
-    return {"tiny-sd": tiny_sd}
+    return {"tiny-sd": tiny_sd, "scott": scott}

@@ -36,7 +36,20 @@ _SD_TRAINING = {
     "sources": dict(pattern=r"^(mnist|emoji)(,(mnist|emoji))*$"),
 }
 
-CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING}
+_SCOTT = {
+    **_SD_TRAINING,
+    "sweep_workers": dict(min_length=1, max_length=64),
+    "trials_per_worker": dict(ge=1, le=1000),
+    "trial_steps": dict(ge=1),
+    "distill_steps": dict(ge=1),
+    "distill_batch_size": dict(ge=1, le=4096),
+    "solver_substeps": dict(ge=1, le=20),
+    "skip": dict(ge=1, le=100),
+    "teacher_eval_steps": dict(min_length=1, max_length=10),
+    "student_eval_steps": dict(min_length=1, max_length=8),
+}
+
+CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -49,6 +62,21 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(sources="mnist", resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000,
                       unet_steps=200_000, vae_batch_size=128, unet_batch_size=128, eval_per_class=500,
                       eval_steps=50, gpu=True, gate_thresholds={"fd": ["max", 20.0], "cond_acc": ["min", 0.8]}),
+    },
+    "scott": {
+        "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,
+                      trial_steps=4, distill_steps=12, distill_batch_size=16, eval_per_class=2,
+                      gate_thresholds={"fd": ["max", 1e6], "fd_ratio_vs_teacher": ["max", 1e6],
+                                       "cond_acc": ["min", 0.0]}),
+        "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, trials_per_worker=3,
+                    trial_steps=200, distill_steps=2000, eval_per_class=50,
+                    gate_thresholds={"fd": ["max", 50.0], "fd_ratio_vs_teacher": ["max", 1.5],
+                                     "cond_acc": ["min", 0.5]}),
+        "paper": dict(resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
+                      vae_batch_size=128, unet_batch_size=128, sweep_workers=[0, 1, 2, 3], trials_per_worker=8,
+                      trial_steps=2000, distill_steps=20_000, distill_batch_size=128, eval_per_class=500, gpu=True,
+                      gate_thresholds={"fd": ["max", 20.0], "fd_ratio_vs_teacher": ["max", 1.3],
+                                       "cond_acc": ["min", 0.8]}),
     },
 }
 

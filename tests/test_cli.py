@@ -66,3 +66,18 @@ def test_models_commands_explain_missing_models(home):
     assert r.exit_code == 2 and "error" in r.output
     r = runner.invoke(app, ["models", "list"])
     assert r.exit_code == 0
+
+
+def test_scott_compiles_with_both_teacher_branches_and_validates_its_sweep(home, tmp_path):
+    r = runner.invoke(app, ["compile", "--profile", "smoke", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in tmp_path.glob("*.yaml")} >= {"tiny-sd.yaml", "scott.yaml"}
+    text = (tmp_path / "scott.yaml").read_text()
+    spec = yaml.safe_load(text)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "importer" in text and "parameterIterator" in text  # dsl.importer branch and the sweep's ParallelFor
+    assert params["trials_per_worker"]["defaultValue"] == 1 and "Optuna" in params["trials_per_worker"]["description"]
+    assert set(spec["root"]["dag"]["tasks"]) >= {"prepare-image-captions", "train-feature-net", "condition-branches-1"}
+    r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0"])
+    assert r.exit_code == 2 and "sweep_workers" in r.output and "solver_substeps" in r.output
+    assert not (home / "pipeline_root").exists()

@@ -102,11 +102,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_captions(captions: list[str], batch_size: int = 256) -> tuple[list[str], torch.Tensor]:
-    """Unique captions (plus the empty one for guidance) -> their frozen MiniLM token embeddings."""
+def encode_captions(captions: list[str], batch_size: int = 256, encoder=None,
+                    tokenizer=None) -> tuple[list[str], torch.Tensor]:
+    """Unique captions (plus the empty one for guidance) -> their token embeddings from the frozen text encoder
+    (MiniLM unless a pipeline's own encoder and tokenizer are given)."""
     from distillery.models.text_encoder import load_text_encoder
 
-    encoder, tokenizer = load_text_encoder()
+    if encoder is None or tokenizer is None:
+        encoder, tokenizer = load_text_encoder()
     unique = sorted(set(captions) | {""})
     out = []
     for i in range(0, len(unique), batch_size):
@@ -114,6 +117,15 @@ def encode_captions(captions: list[str], batch_size: int = 256) -> tuple[list[st
                         max_length=tokenizer.model_max_length, return_tensors="pt")
         out.append(encoder(tok.input_ids, attention_mask=tok.attention_mask)[0])
     return unique, torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for every image, already multiplied by the VAE's scaling factor."""
+    x = to_tensor(images)
+    posts = [vae.encode(x[i:i + batch_size]).latent_dist for i in range(0, len(x), batch_size)]
+    scale = vae.config.scaling_factor
+    return torch.cat([p.mean for p in posts]) * scale, torch.cat([p.std for p in posts]) * scale
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -159,7 +171,7 @@ def _load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimi
     return int(state["step"]), float(state.get("loss", float("nan")))
 
 
-def _loop(name: str, model, opt, steps: int, checkpoint_dir: Path | None, checkpoint_every: int, gen,
+def resumable_loop(name: str, model, opt, steps: int, checkpoint_dir: Path | None, checkpoint_every: int, gen,
           step_fn: Callable[[int], dict], on_log: LogFn | None, log_every: int, fingerprint: dict) -> dict:
     key = json.dumps({"loop": name, **fingerprint}, sort_keys=True, default=str)
     start, last_loss = 0, float("nan")
@@ -240,7 +252,7 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = _loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
+    metrics = resumable_loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
                     dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, kl_weight=kl_weight, seed=seed))
     with torch.no_grad():
         sample = x_all[:256]
@@ -287,11 +299,7 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
     if vae.config.latent_channels != cfg.latent_channels:
         raise ValueError(f"the VAE in {vae_dir} has {vae.config.latent_channels} latent channels, the config "
                          f"{cfg.latent_channels}; train the VAE and UNet with the same TinySDConfig")
-    with torch.no_grad():
-        x = to_tensor(dataset.images)
-        posts = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
-        mean = torch.cat([p.mean for p in posts]) * vae.config.scaling_factor
-        std = torch.cat([p.std for p in posts]) * vae.config.scaling_factor
+    mean, std = encode_latents(vae, dataset.images)
     unique, embeddings = encode_captions(list(dataset.captions))
     index = {c: i for i, c in enumerate(unique)}
     cap_idx = torch.tensor([index[c] for c in dataset.captions])
@@ -317,7 +325,7 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = _loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
+    metrics = resumable_loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
                     dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, cond_dropout=cond_dropout, seed=seed,
                          vae_scaling_factor=vae.config.scaling_factor))
     pipe = assemble(vae, unet, cfg)

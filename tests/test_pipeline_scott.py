@@ -1,0 +1,186 @@
+"""The scott smoke DAG end to end through the KFP local runner (sweep with 2 parallel workers included), the
+served student, and the imported-teacher branch."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import REPO
+from test_pipeline_tiny_sd import _cli, _env, _mlflow, _runs
+from test_serving import _free_port
+
+pytestmark = pytest.mark.slow
+
+STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "sweep-worker-0", "sweep-worker-1",
+         "select-best", "distill-cd-ode", "distill-scott", "distill-scott-adv", "evaluate", "gate", "register",
+         "deploy"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    home = tmp_path_factory.mktemp("scott") / "home"
+    proc = _cli(home, "run", "scott", "--profile", "smoke", "--cache")
+    return home, proc
+
+
+def _children(runs, parent):
+    return {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
+    home, proc = smoke
+    assert "distillery serve scott" in proc.stdout, proc.stdout[-3000:]
+    client = _mlflow(home)
+    runs = _runs(client, "distillery/scott")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _children(runs, parents[0])
+    assert set(children) == STEPS
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # Two workers, one trial each, one shared study; every trial is a run nested under its worker's run.
+    trials = [r for r in runs if r.data.tags.get("optuna.trial") is not None]
+    assert len(trials) == 2
+    assert len({r.data.tags["optuna.study"] for r in trials}) == 1
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [0, 1]
+    workers = {children["sweep-worker-0"].info.run_id, children["sweep-worker-1"].info.run_id}
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == workers
+    assert all(math.isfinite(r.data.metrics["objective"]) and {"noise_strength", "adv_weight", "lr"} <= set(r.data.params)
+               for r in trials)
+    best = children["select-best"].data.metrics
+    assert best["best_value"] == pytest.approx(min(r.data.metrics["objective"] for r in trials))
+    # The best parameters are the ones SCott+adv was distilled with.
+    assert float(children["distill-scott-adv"].data.params["noise_strength"]) == pytest.approx(best["noise_strength"])
+    assert float(children["distill-cd-ode"].data.metrics["noise_strength"]) == 0.0
+
+    ev = children["evaluate"].data.metrics
+    for model, steps in [("teacher", (1, 2, 4, 25, 50)), ("cd_ode", (1, 2, 4)), ("scott", (1, 2, 4)),
+                         ("scott_adv", (1, 2, 4))]:
+        for k in steps:
+            assert math.isfinite(ev[f"{model}_{k}step_fd"]), (model, k)
+            # guidance doubles the teacher's UNet evaluations; the students run once per step
+            assert ev[f"{model}_{k}step_unet_evals_per_image"] == (2 * k if model == "teacher" else k)
+    assert ev["unet_eval_reduction"] == pytest.approx(25.0)
+    assert ev["fd"] == ev["scott_adv_2step_fd"]
+    artifacts = [a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "samples")]
+    assert len(artifacts) == 14
+    top = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"evaluation_table.json", "evaluation_table.md", "fd_vs_steps.png"} <= top
+
+    mv = client.get_model_version_by_alias("scott", "champion")
+    assert str(mv.version) == "1"
+
+
+@pytest.fixture(scope="module")
+def served(smoke, tmp_path_factory):
+    home, _ = smoke
+    dst = tmp_path_factory.mktemp("student") / "model"
+    code = ("from distillery.platform import registry, tracking; tracking.configure(); "
+            f"registry.download('scott', 'champion', dst={str(dst)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(home), check=True, capture_output=True)
+    port = _free_port()
+    log = dst.parent / "server.log"
+    sink = log.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(dst), "--model-name",
+                             "scott", "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT,
+                            env=_env(home))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+    else:
+        proc.kill()
+        pytest.fail("server not ready in 120 s")
+    yield url, dst
+    proc.terminate()
+    proc.wait(15)
+    sink.close()
+
+
+def _local(model_dir, prompt: str, steps: int, seed: int) -> np.ndarray:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return np.asarray(pipe([prompt], num_inference_steps=steps, guidance_scale=1.0,
+                           generator=[torch.Generator().manual_seed(seed)]).images[0])
+
+
+def test_served_student_answers_v1_and_v2_with_the_steps_asked(served):
+    url, model_dir = served
+    prompt = "a handwritten digit seven"
+    images = {}
+    for steps in (1, 4):
+        r = requests.post(f"{url}/v1/models/scott:predict", timeout=60,
+                          json={"instances": [{"prompt": prompt, "steps": steps, "seed": 5}]})
+        assert r.status_code == 200, r.text
+        pred = r.json()["predictions"][0]
+        assert pred["steps"] == steps
+        images[steps] = np.asarray(Image.open(io.BytesIO(base64.b64decode(pred["image_png_b64"]))))
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [prompt]}],
+            "parameters": {"seed": 5}}  # no steps: the student's default, 2
+    r = requests.post(f"{url}/v2/models/scott/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["parameters"]["steps"] == 2
+    images[2] = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["outputs"][0]["data"][0]))))
+    # What came back is what the pipeline makes in exactly that many steps.
+    for steps, got in images.items():
+        np.testing.assert_array_equal(got, _local(model_dir, prompt, steps, 5))
+    assert not np.array_equal(images[1], images[4])
+
+    r = requests.post(f"{url}/v1/models/scott:predict", json={"instances": [{"prompt": prompt, "guidance": 3.0}]},
+                      timeout=30)
+    assert r.status_code == 400 and "guidance" in r.text  # guidance is distilled in; applying it again is refused
+    r = requests.post(f"{url}/v1/models/scott:predict", json={"instances": [{"prompt": prompt, "steps": 50}]},
+                      timeout=30)
+    assert r.status_code == 400 and "steps" in r.text
+
+
+def test_imported_teacher_branch_skips_teacher_training(smoke):
+    """teacher_uri set: dsl.importer brings in the given pipeline folder; the teacher is not trained again."""
+    home, _ = smoke
+    teachers = sorted(p.parent for p in home.rglob("train-unet/model/model_index.json"))
+    assert teachers, "the first run left no teacher model"
+    proc = _cli(home, "run", "scott", "--profile", "smoke", "--cache", "--set", f"teacher_uri={teachers[0]}",
+                "--set", "trial_steps=1", "--set", "distill_steps=2", "--set", "teacher_eval_steps=[1]",
+                "--set", "student_eval_steps=[2]")
+    client = _mlflow(home)
+    runs = _runs(client, "distillery/scott")
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and parents[-1].info.status == "FINISHED", proc.stdout[-3000:]
+    children = _children(runs, parents[-1])
+    assert {"distill-scott-adv", "evaluate", "gate"} <= set(children)
+    assert not {"train-vae", "train-unet"} & set(children)
+    assert json.loads(children["evaluate"].data.params["teacher_eval_steps"].replace("'", '"')) == [1]
+
+
+def test_scott_notebook_executes_headless(smoke, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    home, _ = smoke
+    monkeypatch.setenv("DISTILLERY_HOME", str(home))
+    nb = nbformat.read(REPO / "notebooks" / "scott_table.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    table = next(o for o in nb.cells[2].outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
+    assert "scott-adv" in table and "teacher" in table and "cd-ode" in table
+    assert any("image/png" in o.get("data", {}) for o in nb.cells[3].outputs)
