@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ import requests
 from PIL import Image
 
 from conftest import REPO
-from test_pipeline_tiny_sd import _cli, _env, _mlflow, _runs
-from test_serving import _free_port
+from test_pipeline_tiny_sd import _cli, _env, _mlflow, _runs, run_notebook
+from test_serving import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -89,29 +88,9 @@ def served(smoke, tmp_path_factory):
     code = ("from distillery.platform import registry, tracking; tracking.configure(); "
             f"registry.download('scott', 'champion', dst={str(dst)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(home), check=True, capture_output=True)
-    port = _free_port()
-    log = dst.parent / "server.log"
-    sink = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(dst), "--model-name",
-                             "scott", "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT,
-                            env=_env(home))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-    else:
-        proc.kill()
-        pytest.fail("server not ready in 120 s")
+    proc, url, sink = start_server(dst, "scott", dst.parent / "server.log", env=_env(home))
     yield url, dst
-    proc.terminate()
-    proc.wait(15)
-    sink.close()
+    stop_server(proc, sink)
 
 
 def _local(model_dir, prompt: str, steps: int, seed: int) -> np.ndarray:
@@ -170,17 +149,12 @@ def test_imported_teacher_branch_skips_teacher_training(smoke):
     children = _children(runs, parents[-1])
     assert {"distill-scott-adv", "evaluate", "gate"} <= set(children)
     assert not {"train-vae", "train-unet"} & set(children)
-    assert json.loads(children["evaluate"].data.params["teacher_eval_steps"].replace("'", '"')) == [1]
+    assert json.loads(children["evaluate"].data.params["teacher_steps"].replace("'", '"')) == [1]
 
 
 def test_scott_notebook_executes_headless(smoke, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-
     home, _ = smoke
-    monkeypatch.setenv("DISTILLERY_HOME", str(home))
-    nb = nbformat.read(REPO / "notebooks" / "scott_table.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    nb = run_notebook("scott_table.ipynb", home, monkeypatch)
     table = next(o for o in nb.cells[2].outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
     assert "scott-adv" in table and "teacher" in table and "cd-ode" in table
     assert any("image/png" in o.get("data", {}) for o in nb.cells[3].outputs)

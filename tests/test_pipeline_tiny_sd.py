@@ -168,14 +168,20 @@ def test_invalid_parameters_fail_before_any_step(tmp_path):
     assert not (tmp_path / "home" / "pipeline_root").exists()
 
 
-def test_compare_notebook_executes_headless(smoke, monkeypatch):
+def run_notebook(name: str, home: Path, monkeypatch):
+    """Execute notebooks/NAME headless against the runs in `home`; returns the executed notebook."""
     import nbformat
     from nbclient import NotebookClient
 
-    home, _ = smoke
     monkeypatch.setenv("DISTILLERY_HOME", str(home))
-    nb = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    return nb
+
+
+def test_compare_notebook_executes_headless(smoke, monkeypatch):
+    home, _ = smoke
+    nb = run_notebook("compare_runs.ipynb", home, monkeypatch)
     table = next(o for o in nb.cells[2].outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
     assert "cond_acc" in table and "fd" in table
     assert any("image/png" in o.get("data", {}) for o in nb.cells[3].outputs)

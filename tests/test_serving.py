@@ -27,33 +27,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = tmp_path_factory.mktemp("model")
-    tiny_sd.build_pipeline(tiny_sd.TinySDConfig()).save_pretrained(model)
-    (model / "distillery.json").write_text('{"default_steps": 4, "max_steps": 20}')
+def start_server(model_dir, name: str, log, env: dict | None = None) -> tuple[subprocess.Popen, str, object]:
+    """`python -m distillery.serving` on a free loopback port, waited for until ready; output goes to the file
+    `log` (a pipe nobody drains would fill and block the server)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"  # a file, not a pipe nobody drains: a full pipe blocks the server
     sink = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model), "--model-name",
-                             "tiny-sd", "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir), "--model-name",
+                             name, "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
+                return proc, url, sink
         except requests.ConnectionError:
             time.sleep(0.2)
         if proc.poll() is not None:
             pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-    else:
-        proc.kill()
-        pytest.fail("server not ready in 120 s")
-    yield url, port, log
+    proc.kill()
+    pytest.fail("server not ready in 120 s")
+
+
+def stop_server(proc: subprocess.Popen, sink) -> None:
     proc.terminate()
     proc.wait(15)
     sink.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = tmp_path_factory.mktemp("model")
+    tiny_sd.build_pipeline(tiny_sd.TinySDConfig()).save_pretrained(model)
+    (model / "distillery.json").write_text('{"default_steps": 4, "max_steps": 20}')
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    proc, url, sink = start_server(model, "tiny-sd", log)
+    yield url, int(url.rsplit(":", 1)[1]), log
+    stop_server(proc, sink)
 
 
 def _png(b64: str) -> Image.Image:
