@@ -6,7 +6,8 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
+    from pipelines.mode import mode
     from pipelines.scott import scott
     from pipelines.tiny_sd import tiny_sd
 
-    return {"tiny-sd": tiny_sd, "scott": scott}
+    return {"tiny-sd": tiny_sd, "scott": scott, "mode": mode}

@@ -49,7 +49,27 @@ _SCOTT = {
     "student_eval_steps": dict(min_length=1, max_length=8),
 }
 
-CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT}
+_MODE = {
+    "episodes_per_task": dict(ge=1, le=10_000),
+    "min_episodes_per_task": dict(ge=1),
+    "width": dict(ge=8, le=4096, multiple_of=4),
+    "depth": dict(ge=1, le=64),
+    "num_experts": dict(ge=1, le=64),
+    "top_k": dict(ge=1, le=64),
+    "expert_hidden": dict(ge=1, le=65_536),
+    "chunk": dict(ge=1, le=64),
+    "obs_history": dict(ge=1, le=32),
+    "train_steps": dict(ge=1),
+    "batch_size": dict(ge=1, le=65_536),
+    "lr": dict(gt=0.0, lt=1.0),
+    "sampling_steps": dict(ge=1, le=100),
+    "eval_episodes_per_task": dict(ge=1, le=1000),
+    "eval_max_steps": dict(ge=1, le=500),
+    "execute": dict(ge=1, le=64),
+    "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
+}
+
+CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -62,6 +82,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(sources="mnist", resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000,
                       unet_steps=200_000, vae_batch_size=128, unet_batch_size=128, eval_per_class=500,
                       eval_steps=50, gpu=True, gate_thresholds={"fd": ["max", 20.0], "cond_acc": ["min", 0.8]}),
+    },
+    "mode": {
+        "smoke": dict(episodes_per_task=2, width=32, depth=2, expert_hidden=64, train_steps=30, batch_size=64,
+                      sampling_steps=4, eval_episodes_per_task=1, eval_max_steps=24),
+        "cpu": dict(episodes_per_task=50, train_steps=20_000, batch_size=256, eval_episodes_per_task=5,
+                    gate_thresholds={"success_rate": ["min", 0.5]}),
+        "paper": dict(episodes_per_task=100, width=256, depth=8, expert_hidden=512, train_steps=200_000,
+                      batch_size=512, eval_episodes_per_task=20, gpu=True,
+                      gate_thresholds={"success_rate": ["min", 0.7]}),
     },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,

@@ -28,3 +28,15 @@ def load_text_encoder():
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.model_max_length = MAX_TOKENS
     return encoder, tokenizer
+
+
+def sentence_embeddings(texts: list[str]):
+    """(N, 384) MiniLM sentence embeddings: token states mean-pooled over the attention mask, as the model was trained."""
+    import torch
+
+    encoder, tokenizer = load_text_encoder()
+    tok = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+    mask = tok.attention_mask.unsqueeze(-1).float()
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1)

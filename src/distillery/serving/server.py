@@ -74,16 +74,29 @@ async def _client_error(request, exc):
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
-def serve(model_dir: Path, name: str, kind: str = "text-to-image", port: int = 8080, host: str = "127.0.0.1",
+def detect_kind(model_dir: Path) -> str:
+    """The predictor a model folder needs: a saved policy or a diffusers pipeline."""
+    if (Path(model_dir) / "policy.json").exists():
+        return "policy"
+    if (Path(model_dir) / "model_index.json").exists():
+        return "text-to-image"
+    raise FileNotFoundError(f"{model_dir} holds neither a saved policy (policy.json) nor a diffusers pipeline "
+                            f"(model_index.json)")
+
+
+def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host: str = "127.0.0.1",
           max_body_bytes: int = 1 << 20) -> None:
-    """Load the model and serve it until interrupted (V1 + V2 REST, /metrics)."""
+    """Load the model and serve it until interrupted (V1 + V2 REST, /metrics). kind "auto" reads the folder."""
     import kserve
     import kserve.model_server as ms
     import kserve.protocol.rest.server as rest
     from kserve.errors import InvalidInput
 
+    import distillery.serving.policy  # noqa: F401 - registers its kind
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 
+    if kind == "auto":
+        kind = detect_kind(model_dir)
     if kind not in KINDS:
         raise ValueError(f"unknown predictor kind {kind!r}; available: {sorted(KINDS)}")
     model = KINDS[kind](name, Path(model_dir))

@@ -85,10 +85,11 @@ class NoiseRoutedMoE(nn.Module):
     def forward(self, x: torch.Tensor, noise_emb: torch.Tensor) -> torch.Tensor:
         weights, idx, probs = self.route(noise_emb)
         out = torch.zeros_like(x)
-        for j in range(self.top_k):
-            e = idx[:, j]
-            h = F.gelu(torch.einsum("btd,bdh->bth", x, self.w1[e]) + self.b1[e][:, None])
-            out = out + weights[:, j, None, None] * (torch.einsum("bth,bhd->btd", h, self.w2[e]) + self.b2[e][:, None])
+        for e in range(self.w1.shape[0]):  # each expert runs once, on the samples routed to it
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if len(rows):
+                h = F.gelu(x[rows] @ self.w1[e] + self.b1[e])
+                out = out.index_add(0, rows, weights[rows, slot, None, None] * (h @ self.w2[e] + self.b2[e]))
         # Switch-Transformer load balancing: E * sum_e (share of routings to e) * (mean probability of e)
         share = F.one_hot(idx, probs.shape[-1]).float().mean((0, 1))
         self.aux_loss = probs.shape[-1] * (share * probs.mean(0)).sum()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.models import tiny_sd
+from distillery.models.training import resumable_loop
 
 METHODS = ("cd-ode", "scott", "scott-adv")
 
@@ -284,7 +285,7 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
         return {"loss": loss_cd.item()}
 
     fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images))
-    metrics = tiny_sd.resumable_loop(cfg.method, nn.ModuleDict(parts), opt, cfg.steps, checkpoint_dir,
+    metrics = resumable_loop(cfg.method, nn.ModuleDict(parts), opt, cfg.steps, checkpoint_dir,
                                      checkpoint_every, gen, step_fn, on_log, log_every, fingerprint)
     student.eval().requires_grad_(False)
     out = Path(out_dir)

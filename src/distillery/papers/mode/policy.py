@@ -1,0 +1,139 @@
+"""Training MoDE (or the dense baseline) on demonstrations, and the saved policy that acts: observation history +
+task -> action chunk, with or without the expert cache.
+
+A saved policy is a folder: `model.safetensors` (weights), `policy.json` (network config, sampling steps,
+observation normalization, task names and their instruction embeddings). Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillery.models.training import LogFn, resumable_loop
+from distillery.papers.mode.model import ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, karras_sigmas, sample
+
+
+def windows(demos, obs_history: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every step of every episode as (observation history, action chunk, task): the history repeats the first
+    observation before the episode starts, the chunk repeats the last action after it ends."""
+    obs_w, act_w, task_w = [], [], []
+    for i in range(len(demos.start)):
+        o, a = demos.episode(i)
+        n = len(o)
+        hist = np.clip(np.arange(n)[:, None] + np.arange(-obs_history + 1, 1)[None], 0, n - 1)
+        fut = np.clip(np.arange(n)[:, None] + np.arange(chunk)[None], 0, n - 1)
+        obs_w.append(o[hist])
+        act_w.append(a[fut])
+        task_w.append(np.full(n, int(demos.task[i])))
+    return np.concatenate(obs_w), np.concatenate(act_w), np.concatenate(task_w)
+
+
+def train_policy(demos, out_dir: Path, cfg: MoDEConfig, *, steps: int, batch_size: int = 256, lr: float = 3e-4,
+                 aux_weight: float = 0.01, sampling_steps: int = 10, seed: int = 0,
+                 checkpoint_dir: Path | None = None, checkpoint_every: int = 500, on_log: LogFn | None = None,
+                 log_every: int = 50) -> dict:
+    from distillery.models.text_encoder import sentence_embeddings
+
+    cfg = cfg.check()
+    if steps < 1 or batch_size < 1 or not lr > 0 or sampling_steps < 1:
+        raise ValueError(f"steps, batch_size, sampling_steps must be >= 1 and lr > 0; got {steps}, {batch_size}, "
+                         f"{sampling_steps}, {lr}")
+    obs, act, task = windows(demos, cfg.obs_history, cfg.chunk)
+    mean, std = obs.reshape(-1, obs.shape[-1]).mean(0), obs.reshape(-1, obs.shape[-1]).std(0) + 1e-3
+    goals = sentence_embeddings(demos.instructions).float()
+    obs_t = torch.from_numpy((obs - mean) / std).float()
+    act_t, task_t = torch.from_numpy(act).float(), torch.from_numpy(task).long()
+
+    torch.manual_seed(seed)
+    policy = MoDEPolicy(cfg)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    extra = {}
+
+    def step_fn(_: int) -> dict:
+        idx = torch.randint(len(obs_t), (batch_size,), generator=gen)
+        loss, logs = edm_loss(policy, act_t[idx], obs_t[idx], goals[task_t[idx]], generator=gen,
+                              aux_weight=aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        extra.update(logs)
+        return {"loss": loss.item()}
+
+    name = "dense" if cfg.dense else "mode"
+    metrics = resumable_loop(name, policy, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log,
+                             log_every, dict(cfg=asdict(cfg), steps=steps, batch_size=batch_size, lr=lr,
+                                             aux_weight=aux_weight, seed=seed, data=demos.manifest.get("content_sha256")))
+    save_policy(Path(out_dir), policy, sampling_steps=sampling_steps, obs_mean=mean, obs_std=std,
+                tasks=list(demos.tasks), instructions=list(demos.instructions), goals=goals)
+    return {**metrics, **{f"{name}_{k}": v for k, v in extra.items()},
+            f"{name}_total_parameters": float(sum(p.numel() for p in policy.parameters())),
+            f"{name}_active_parameters": float(policy.active_parameters())}
+
+
+def save_policy(out: Path, policy: MoDEPolicy, *, sampling_steps: int, obs_mean, obs_std, tasks, instructions,
+                goals: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, out / "model.safetensors")
+    (out / "policy.json").write_text(json.dumps({
+        "kind": "policy", "config": asdict(policy.cfg), "sampling_steps": sampling_steps,
+        "obs_mean": np.asarray(obs_mean).tolist(), "obs_std": np.asarray(obs_std).tolist(), "tasks": tasks,
+        "instructions": instructions, "goal_embeddings": goals.tolist()}))
+
+
+class Policy:
+    """A saved policy, ready to act. `cached=True` samples with the expert cache (MoDE only)."""
+
+    def __init__(self, path: Path, cached: bool = True):
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "policy.json").exists():
+            raise FileNotFoundError(f"{path} is not a saved policy (policy.json missing)")
+        meta = json.loads((path / "policy.json").read_text())
+        self.cfg = MoDEConfig(**meta["config"])
+        self.net = MoDEPolicy(self.cfg)
+        self.net.load_state_dict(load_file(path / "model.safetensors"))
+        self.net.eval()
+        self.tasks = list(meta["tasks"])
+        self.instructions = list(meta["instructions"])
+        self.goals = torch.tensor(meta["goal_embeddings"], dtype=torch.float32)
+        self.mean = torch.tensor(meta["obs_mean"], dtype=torch.float32)
+        self.std = torch.tensor(meta["obs_std"], dtype=torch.float32)
+        self.sigmas = karras_sigmas(int(meta["sampling_steps"]))
+        self.cache = ExpertCache(self.net, self.sigmas) if cached and not self.cfg.dense else None
+
+    def task_index(self, task: str) -> int:
+        if task in self.tasks:
+            return self.tasks.index(task)
+        if task in self.instructions:
+            return self.instructions.index(task)
+        raise KeyError(f"unknown task {task!r}; this policy knows {self.tasks}")
+
+    @torch.no_grad()
+    def act(self, obs_history: np.ndarray, tasks: list[str], noise: torch.Tensor | None = None,
+            seed: int = 0) -> np.ndarray:
+        """obs_history (B, obs_history, obs_dim) raw observations -> action chunk (B, chunk, act_dim) in [-1, 1]."""
+        obs = (torch.as_tensor(np.asarray(obs_history), dtype=torch.float32) - self.mean) / self.std
+        goal = self.goals[[self.task_index(t) for t in tasks]]
+        if noise is None:
+            noise = torch.randn(len(obs), self.cfg.chunk, self.cfg.act_dim, generator=torch.Generator().manual_seed(seed))
+        out = sample(self.net, obs, goal, noise, self.sigmas, cache=self.cache)
+        return out.clamp(-1, 1).numpy()
+
+    def time_per_chunk(self, repeats: int = 20) -> float:
+        obs = np.zeros((1, self.cfg.obs_history, self.cfg.obs_dim), np.float32)
+        self.act(obs, [self.tasks[0]])
+        t = time.perf_counter()
+        for _ in range(repeats):
+            self.act(obs, [self.tasks[0]])
+        return (time.perf_counter() - t) / repeats

@@ -1,0 +1,1 @@
+"""Simulators behind small modules: environments, tasks and scripted experts."""
