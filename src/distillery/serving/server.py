@@ -50,7 +50,7 @@ class RequestLimits:
                                          f"request body larger than {self.max_body_bytes} bytes")
         if headers.get(b"content-type", b"application/json").startswith(b"application/json"):
             try:
-                json.loads(body or b"null")
+                json.loads(body or b"null", parse_constant=_no_constants)
             except (ValueError, UnicodeDecodeError) as e:
                 return await self._error(scope, receive, send, 400, f"request body is not valid JSON: {e}")
         replayed = False
@@ -67,6 +67,10 @@ class RequestLimits:
     @staticmethod
     async def _error(scope, receive, send, status: int, message: str):
         await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number (send finite numbers only)")
 
 
 async def _client_error(request, exc):
