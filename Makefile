@@ -40,6 +40,8 @@ test: data services
 bench: data
 	$(PY) bench/orchestration.py
 	$(PY) bench/serving.py
+	$(PY) bench/mode.py
+	$(PY) bench/scott.py --profile cpu
 
 clean:
 	rm -rf build .pytest_cache

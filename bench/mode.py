@@ -1,0 +1,116 @@
+"""MoDE targets: expert caching vs uncached MoDE (latency per action chunk, identical actions), active parameters and
+FLOPs per chunk next to the dense baseline, and — with --run — MT10 success rates from one pipeline run.
+
+    python bench/mode.py                      # caching on the cpu profile's architecture (no training needed)
+    python bench/mode.py --policy-dir DIR     # the same for a trained policy folder
+    python bench/mode.py --run --profile cpu  # also run the mode pipeline and report success rates
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import RESULTS, fresh_home, report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed(policy, obs, tasks, repeats: int) -> list[float]:
+    out = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        policy.act(obs, tasks, seed=i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy-dir", type=Path)
+    ap.add_argument("--run", action="store_true", help="run the mode pipeline first and use its policies")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--repeats", type=int, default=50)
+    opts = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from distillery.papers.mode import MoDEConfig, MoDEPolicy
+    from distillery.papers.mode import evaluate as ev
+    from distillery.papers.mode.policy import Policy, save_policy
+    from pipelines.mode import mode as mode_pipeline
+    from pipelines.params import resolve
+
+    torch.set_num_threads(1)  # one request at a time on one core: what a CPU predictor replica does
+    extra: dict = {}
+    success = None
+    if opts.run:
+        home = fresh_home(f"mode-{opts.profile}")
+        cmd = [sys.executable, "-m", "distillery.cli", "run", "mode", "--profile", opts.profile]
+        for s in opts.sets:
+            cmd += ["--set", s]
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
+        extra["pipeline_s"] = time.perf_counter() - t
+        from mlflow import MlflowClient
+
+        from distillery.platform import tracking
+
+        tracking.configure()
+        c = MlflowClient()
+        exp = c.get_experiment_by_name("distillery/mode")
+        success = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
+                                order_by=["attributes.start_time DESC"])[0].data.metrics
+        opts.policy_dir = sorted(p.parent for p in Path(home).rglob("policy/policy.json"))[0]
+    if opts.policy_dir is None:  # the cpu profile's architecture, untrained: caching cost does not depend on training
+        args = resolve("mode", mode_pipeline, opts.profile, {})
+        keys = ("width", "depth", "num_experts", "top_k", "expert_hidden", "chunk", "obs_history")
+        cfg = MoDEConfig(**{k: args[k] for k in keys})
+        opts.policy_dir = RESULTS / "homes" / "mode-untrained"
+        torch.manual_seed(0)
+        save_policy(opts.policy_dir, MoDEPolicy(cfg), sampling_steps=args["sampling_steps"],
+                    obs_mean=np.zeros(39), obs_std=np.ones(39), tasks=["reach-v3"], instructions=["reach"],
+                    goals=torch.randn(1, cfg.text_dim))
+        extra["policy"] = f"untrained, {opts.profile} profile architecture"
+    cached, plain = Policy(opts.policy_dir, cached=True), Policy(opts.policy_dir, cached=False)
+    dense_cfg = MoDEConfig(**{**cached.cfg.__dict__, "dense": True})
+    dense_dir = RESULTS / "homes" / "mode-dense-same-size"
+    save_policy(dense_dir, MoDEPolicy(dense_cfg), sampling_steps=len(cached.sigmas), obs_mean=np.zeros(39),
+                obs_std=np.ones(39), tasks=cached.tasks, instructions=cached.instructions, goals=cached.goals)
+    dense = Policy(dense_dir)
+    obs = np.random.default_rng(0).normal(size=(1, cached.cfg.obs_history, cached.cfg.obs_dim)).astype(np.float32)
+    tasks = [cached.tasks[0]]
+    for p in (cached, plain, dense):
+        _timed(p, obs, tasks, 5)  # warm-up
+    t_cached, t_plain, t_dense = (_timed(p, obs, tasks, opts.repeats) for p in (cached, plain, dense))
+    diff = max(float(np.abs(cached.act(obs, tasks, seed=s) - plain.act(obs, tasks, seed=s)).max()) for s in range(10))
+    rows = [
+        ("latency / chunk: MoDE cached vs uncached", statistics.median(t_cached), statistics.median(t_plain), "s"),
+        ("latency / chunk: MoDE cached vs dense (same active size)", statistics.median(t_cached),
+         statistics.median(t_dense), "s"),
+        ("FLOPs / chunk: MoDE cached vs uncached", ev.flops_per_chunk(cached), ev.flops_per_chunk(plain), "FLOP"),
+        ("FLOPs / chunk: MoDE cached vs dense", ev.flops_per_chunk(cached), ev.flops_per_chunk(dense), "FLOP"),
+        ("active parameters: MoDE vs dense", cached.net.active_parameters(), dense.net.active_parameters(), ""),
+        ("active vs total parameters: MoDE", cached.net.active_parameters(),
+         sum(p.numel() for p in cached.net.parameters()), ""),
+    ]
+    if success:
+        rows += [("MT10 success rate: MoDE (cached) vs dense", success["mode_cached_success_rate"],
+                  success["dense_success_rate"], "")]
+        extra["per_task"] = {k: v for k, v in success.items() if "_success_" in k}
+    extra.update(max_abs_action_diff_cached_vs_uncached=diff, sampling_steps=len(cached.sigmas),
+                 config=cached.cfg.__dict__)
+    report("mode", rows, extra=extra)
+    print(json.dumps({"max_abs_action_diff": diff, "identical_within_1e-5": diff <= 1e-5}))
+
+
+if __name__ == "__main__":
+    main()
