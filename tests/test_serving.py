@@ -188,7 +188,7 @@ def test_kind_registry_and_clear_errors(tmp_path):
     from distillery.serving.text_to_image import TextToImageModel
 
     assert KINDS["text-to-image"] is TextToImageModel
-    with pytest.raises(ValueError, match="unknown predictor kind 'robot'.*text-to-image"):
+    with pytest.raises(ValueError, match="unknown predictor kind 'robot'.*policy.*text-to-image"):
         serve(tmp_path, "m", kind="robot")
 
     @register_kind("echo-test")
@@ -201,8 +201,10 @@ def test_kind_registry_and_clear_errors(tmp_path):
             serve(tmp_path, "m", kind="echo-test")
     finally:
         KINDS.pop("echo-test")
+    with pytest.raises(FileNotFoundError, match="neither a saved policy .* nor a diffusers pipeline"):
+        serve(tmp_path, "m")  # kind "auto" reads the folder first
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
-        serve(tmp_path, "m")
+        serve(tmp_path, "m", kind="text-to-image")
     (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "distillery.json").write_text('{"default_steps": 30, "max_steps": 20}')
     with pytest.raises(ValueError, match="default_steps must be between 1 and max_steps"):
