@@ -37,10 +37,16 @@ def prepare_image_captions(*, out_dir: str, sources: str, resolution: int, per_c
 def validate_image_captions(*, dataset_dir: str, report_path: str, balance_tolerance: float) -> dict:
     """Great Expectations suite over the dataset; a failure stops the DAG here and names every failed expectation."""
     from distillery.data.expectations import validate_image_caption_dataset
+
+    result = validate_image_caption_dataset(Path(dataset_dir), Path(report_path), balance_tolerance=balance_tolerance)
+    return enforce_validation(result, report_path)
+
+
+def enforce_validation(result, report_path: str) -> dict:
+    """Log the suite's HTML report to the step's run, then stop the DAG if any expectation failed."""
     from distillery.platform import tracking
     from distillery.platform.validation import DataValidationError
 
-    result = validate_image_caption_dataset(Path(dataset_dir), Path(report_path), balance_tolerance=balance_tolerance)
     tracking.log_html(Path(report_path), "validation_report.html")
     if not result.success:
         raise DataValidationError(result)

@@ -22,14 +22,10 @@ def collect_demos(*, out_dir: str, episodes_per_task: int, seed: int) -> dict:
 def validate_demos(*, dataset_dir: str, report_path: str, min_episodes_per_task: int) -> dict:
     """Great Expectations over the demonstrations; a failure stops the DAG here naming every failed expectation."""
     from distillery.data.demos import validate_demos as run
-    from distillery.platform import tracking
-    from distillery.platform.validation import DataValidationError
+    from distillery.steps.data import enforce_validation
 
     result = run(Path(dataset_dir), Path(report_path), min_episodes_per_task=min_episodes_per_task)
-    tracking.log_html(Path(report_path), "validation_report.html")
-    if not result.success:
-        raise DataValidationError(result)
-    return {"expectations": float(len(result.results)), "expectations_failed": 0.0}
+    return enforce_validation(result, report_path)
 
 
 def train(*, dataset_dir: str, out_dir: str, dense: bool, width: int, depth: int, num_experts: int, top_k: int,
