@@ -95,6 +95,26 @@ def test_cached_policy_gives_the_same_actions_and_is_faster():
         mode.ExpertCache(mode.MoDEPolicy(mode.MoDEConfig(**{**CFG.__dict__, "dense": True})), sigmas)
 
 
+def test_frozen_sampler_gives_the_same_actions_for_any_batch():
+    torch.manual_seed(5)
+    policy = mode.MoDEPolicy(CFG).eval()
+    sigmas = mode.karras_sigmas(6)
+    cache = mode.ExpertCache(policy, sigmas)
+    frozen = mode.freeze_sampler(policy, sigmas, cache)
+    for b in (1, 4):
+        noise, obs, goal = _inputs(b, 10 + b)
+        want = mode.sample(policy, obs, goal, noise, sigmas)
+        assert (frozen(obs, goal, noise) - want).abs().max().item() <= 1e-5
+    dense = mode.MoDEPolicy(mode.MoDEConfig(**{**CFG.__dict__, "dense": True})).eval()
+    noise, obs, goal = _inputs(3, 20)
+    torch.testing.assert_close(mode.freeze_sampler(dense, sigmas)(obs, goal, noise),
+                               mode.sample(dense, obs, goal, noise, sigmas), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="routes at run time"):
+        mode.freeze_sampler(policy, sigmas)
+    with pytest.raises(ValueError, match="another sampling schedule"):
+        mode.freeze_sampler(policy, mode.karras_sigmas(4), cache)
+
+
 def test_dense_baseline_has_the_same_active_size():
     moe, dense = mode.MoDEPolicy(CFG), mode.MoDEPolicy(mode.MoDEConfig(**{**CFG.__dict__, "dense": True}))
     routers = sum(p.numel() for b in moe.blocks for p in b.ffn.router.parameters())

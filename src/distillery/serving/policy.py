@@ -39,7 +39,7 @@ class PolicyModel(kserve.Model):
         from distillery.papers.mode.policy import Policy
 
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-        self.policy = Policy(self.model_dir, cached=True)  # the expert cache: same actions, less work
+        self.policy = Policy(self.model_dir)  # expert cache, frozen into one graph: same actions, less work
         self.ready = True
         return True
 

@@ -6,8 +6,9 @@ from distillery.papers.mode.model import (
     MoDEPolicy,
     NoiseRoutedMoE,
     edm_loss,
+    freeze_sampler,
     karras_sigmas,
     sample,
 )
 
-__all__ = ["ExpertCache", "MoDEConfig", "MoDEPolicy", "NoiseRoutedMoE", "edm_loss", "karras_sigmas", "sample"]
+__all__ = ["ExpertCache", "MoDEConfig", "MoDEPolicy", "NoiseRoutedMoE", "edm_loss", "freeze_sampler", "karras_sigmas", "sample"]

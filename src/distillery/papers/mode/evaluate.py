@@ -58,6 +58,8 @@ def flops_per_chunk(policy) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if policy.sampler == "frozen":  # the frozen graph runs the same ops as the eager cached sampler; count those
+        policy = policy.using("cached")
     obs = np.zeros((1, policy.cfg.obs_history, policy.cfg.obs_dim), np.float32)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         policy.act(obs, [policy.tasks[0]])

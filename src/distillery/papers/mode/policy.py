@@ -7,6 +7,7 @@ observation normalization, task names and their instruction embeddings). Nothing
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from distillery.models.training import LogFn, resumable_loop
-from distillery.papers.mode.model import ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, karras_sigmas, sample
+from distillery.papers.mode.model import (ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, freeze_sampler, karras_sigmas,
+                                          sample)
 
 
 def windows(demos, obs_history: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,10 +92,14 @@ def save_policy(out: Path, policy: MoDEPolicy, *, sampling_steps: int, obs_mean,
         "instructions": instructions, "goal_embeddings": goals.tolist()}))
 
 
-class Policy:
-    """A saved policy, ready to act. `cached=True` samples with the expert cache (MoDE only)."""
+SAMPLERS = ("frozen", "cached", "uncached")
 
-    def __init__(self, path: Path, cached: bool = True):
+
+class Policy:
+    """A saved policy, ready to act. `sampler`: "frozen" (served: MoDE with its expert cache, or the dense baseline,
+    traced into one frozen graph), "cached" (the expert cache, eager) or "uncached" (routers at run time, eager)."""
+
+    def __init__(self, path: Path, sampler: str = "frozen"):
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -110,7 +116,23 @@ class Policy:
         self.mean = torch.tensor(meta["obs_mean"], dtype=torch.float32)
         self.std = torch.tensor(meta["obs_std"], dtype=torch.float32)
         self.sigmas = karras_sigmas(int(meta["sampling_steps"]))
-        self.cache = ExpertCache(self.net, self.sigmas) if cached and not self.cfg.dense else None
+        self.cache = None if self.cfg.dense else ExpertCache(self.net, self.sigmas)
+        self.sampler, self._frozen = "", None
+        self.use(sampler)
+
+    def use(self, sampler: str) -> "Policy":
+        """Switch how actions are sampled (same weights, same actions up to float rounding)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if sampler == "frozen" and self._frozen is None:
+            self._frozen = freeze_sampler(self.net, self.sigmas, self.cache)
+        self.sampler = sampler
+        return self
+
+    def using(self, sampler: str) -> "Policy":
+        """A view of this policy with another sampler, sharing the loaded weights."""
+        view = copy.copy(self)
+        return view.use(sampler)
 
     def task_index(self, task: str) -> int:
         if task in self.tasks:
@@ -127,7 +149,10 @@ class Policy:
         goal = self.goals[[self.task_index(t) for t in tasks]]
         if noise is None:
             noise = torch.randn(len(obs), self.cfg.chunk, self.cfg.act_dim, generator=torch.Generator().manual_seed(seed))
-        out = sample(self.net, obs, goal, noise, self.sigmas, cache=self.cache)
+        if self.sampler == "frozen":
+            out = self._frozen(obs, goal, noise)
+        else:
+            out = sample(self.net, obs, goal, noise, self.sigmas, cache=self.cache if self.sampler == "cached" else None)
         return out.clamp(-1, 1).numpy()
 
     def time_per_chunk(self, repeats: int = 20) -> float:
