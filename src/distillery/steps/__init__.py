@@ -17,3 +17,24 @@ def checkpoint_dir(step: str, **key) -> Path:
     path = get_settings().home_abs / "checkpoints" / f"{step}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def load_dataset(dataset_dir: str):
+    """The image-caption dataset artifact a step received."""
+    from distillery.data import load_image_caption_dataset
+
+    return load_image_caption_dataset(Path(dataset_dir))
+
+
+def log_metrics(metrics: dict, step: int) -> None:
+    """Training-loop log callback: metrics at a step into the step's MLflow run."""
+    from distillery.platform import tracking
+
+    tracking.log_metrics(metrics, step=step)
+
+
+def dir_hash(path: Path) -> str:
+    """A short content key of a model folder, so checkpoints of a step trained from another input never mix."""
+    from distillery.platform.storage import sha256_file
+
+    return ",".join(sha256_file(p)[:12] for p in sorted(Path(path).rglob("*")) if p.is_file())

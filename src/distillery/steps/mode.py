@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir
-from distillery.steps.tiny_sd import _mlflow_log
+from distillery.steps import checkpoint_dir, log_metrics
 
 
 def collect_demos(*, out_dir: str, episodes_per_task: int, seed: int) -> dict:
@@ -41,7 +40,7 @@ def train(*, dataset_dir: str, out_dir: str, dense: bool, width: int, depth: int
     ckpt = checkpoint_dir("train-dense" if dense else "train-mode", data=demos.manifest["content_sha256"], cfg=cfg,
                           steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return train_policy(demos, Path(out_dir), cfg, steps=steps, batch_size=batch_size, lr=lr,
-                        sampling_steps=sampling_steps, seed=seed, checkpoint_dir=ckpt, on_log=_mlflow_log)
+                        sampling_steps=sampling_steps, seed=seed, checkpoint_dir=ckpt, on_log=log_metrics)
 
 
 def evaluate(*, mode_dir: str, dense_dir: str, episodes_per_task: int, max_steps: int, execute: int, seed: int,

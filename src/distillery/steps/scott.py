@@ -6,8 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir
-from distillery.steps.tiny_sd import _dataset, _dir_hash, _mlflow_log
+from distillery.steps import checkpoint_dir, dir_hash, load_dataset, log_metrics
 
 SEARCH_SPACE = ("noise_strength", "adv_weight", "lr")
 
@@ -33,7 +32,7 @@ def sweep_worker(*, teacher_dir: str, dataset_dir: str, feature_net_dir: str, st
     bad = sorted(set(SEARCH_SPACE) - set(search_space)) + sorted(set(search_space) - set(SEARCH_SPACE))
     if bad or any(len(v) != 2 or not float(v[0]) <= float(v[1]) for v in search_space.values()):
         raise ValueError(f"search_space must map exactly {list(SEARCH_SPACE)} to [low, high], got {search_space}")
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     train, holdout = ds.train(), ds.holdout()
     net = image_eval.FeatureNet.load(Path(feature_net_dir))
 
@@ -77,13 +76,13 @@ def distill(*, teacher_dir: str, dataset_dir: str, out_dir: str, method: str, st
             seed: int) -> dict:
     from distillery.papers import scott
 
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     cfg = _config(method=method, steps=steps, batch_size=batch_size, lr=lr, noise_strength=noise_strength,
                   adv_weight=adv_weight, solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
                   seed=seed).effective()
-    ckpt = checkpoint_dir(f"distill-{method}", data=ds.manifest["content_sha256"], teacher=_dir_hash(Path(teacher_dir)),
+    ckpt = checkpoint_dir(f"distill-{method}", data=ds.manifest["content_sha256"], teacher=dir_hash(Path(teacher_dir)),
                           cfg=cfg)
-    return scott.distill(Path(teacher_dir), ds.train(), Path(out_dir), cfg, checkpoint_dir=ckpt, on_log=_mlflow_log)
+    return scott.distill(Path(teacher_dir), ds.train(), Path(out_dir), cfg, checkpoint_dir=ckpt, on_log=log_metrics)
 
 
 def evaluate(*, teacher_dir: str, students: dict, dataset_dir: str, feature_net_dir: str, teacher_steps: list,
@@ -98,7 +97,7 @@ def evaluate(*, teacher_dir: str, students: dict, dataset_dir: str, feature_net_
 
     if candidate not in students:
         raise ValueError(f"candidate {candidate!r} is not one of the students {sorted(students)}")
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     net = image_eval.FeatureNet.load(Path(feature_net_dir))
     models = {"teacher": (Path(teacher_dir), guidance_scale), **{k: (Path(v), 1.0) for k, v in students.items()}}
     steps = {"teacher": [int(s) for s in teacher_steps], **{k: [int(s) for s in student_steps] for k in students}}

@@ -5,26 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir
-
-
-def _dataset(dataset_dir: str):
-    from distillery.data import load_image_caption_dataset
-
-    return load_image_caption_dataset(Path(dataset_dir))
-
-
-def _mlflow_log(metrics: dict, step: int) -> None:
-    from distillery.platform import tracking
-
-    tracking.log_metrics(metrics, step=step)
+from distillery.steps import checkpoint_dir, dir_hash, load_dataset, log_metrics
 
 
 def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) -> dict:
     """A classifier trained on the real images; its penultimate layer is the evaluation feature space."""
     from distillery.models import image_eval
 
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     train, hold = ds.train(), ds.holdout()
     net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
     net.save(Path(out_dir))
@@ -37,12 +25,12 @@ def train_vae(*, dataset_dir: str, out_dir: str, steps: int, batch_size: int, lr
     from distillery.models.image_eval import make_grid
     from distillery.platform import tracking
 
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     cfg = tiny_sd.TinySDConfig(resolution=int(ds.manifest["resolution"]))
     ckpt = checkpoint_dir("train-vae", data=ds.manifest["content_sha256"], steps=steps, batch_size=batch_size, lr=lr,
                           seed=seed, cfg=cfg)
     metrics = tiny_sd.train_vae(ds.train(), Path(out_dir), cfg=cfg, steps=steps, batch_size=batch_size, lr=lr,
-                                seed=seed, checkpoint_dir=ckpt, on_log=_mlflow_log)
+                                seed=seed, checkpoint_dir=ckpt, on_log=log_metrics)
     originals, recon = tiny_sd.reconstruct(Path(out_dir), ds.holdout().images[:8])
     tracking.log_image(make_grid([*originals, *recon], nrow=8), "reconstructions.png")
     return metrics
@@ -52,12 +40,12 @@ def train_unet(*, dataset_dir: str, vae_dir: str, out_dir: str, steps: int, batc
                cond_dropout: float, seed: int) -> dict:
     from distillery.models import tiny_sd
 
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     cfg = tiny_sd.TinySDConfig(resolution=int(ds.manifest["resolution"]))
-    ckpt = checkpoint_dir("train-unet", data=ds.manifest["content_sha256"], vae=_dir_hash(Path(vae_dir)), steps=steps,
+    ckpt = checkpoint_dir("train-unet", data=ds.manifest["content_sha256"], vae=dir_hash(Path(vae_dir)), steps=steps,
                           batch_size=batch_size, lr=lr, cond_dropout=cond_dropout, seed=seed, cfg=cfg)
     return tiny_sd.train_unet(ds.train(), Path(vae_dir), Path(out_dir), cfg=cfg, steps=steps, batch_size=batch_size,
-                              lr=lr, cond_dropout=cond_dropout, seed=seed, checkpoint_dir=ckpt, on_log=_mlflow_log)
+                              lr=lr, cond_dropout=cond_dropout, seed=seed, checkpoint_dir=ckpt, on_log=log_metrics)
 
 
 def evaluate(*, model_dir: str, dataset_dir: str, feature_net_dir: str, num_per_class: int, steps: int,
@@ -68,7 +56,7 @@ def evaluate(*, model_dir: str, dataset_dir: str, feature_net_dir: str, num_per_
     from distillery.models import image_eval
     from distillery.platform import tracking
 
-    ds = _dataset(dataset_dir)
+    ds = load_dataset(dataset_dir)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     net = image_eval.FeatureNet.load(Path(feature_net_dir))
     result = image_eval.evaluate_text_to_image(pipe, ds.holdout(), net, num_per_class=num_per_class, steps=steps,
@@ -77,7 +65,7 @@ def evaluate(*, model_dir: str, dataset_dir: str, feature_net_dir: str, num_per_
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-def _dir_hash(path: Path) -> str:
+def dir_hash(path: Path) -> str:
     from distillery.platform.storage import sha256_file
 
     return ",".join(sha256_file(p)[:12] for p in sorted(path.rglob("*")) if p.is_file())
