@@ -9,6 +9,7 @@ from components import component
 def collect_demos(
     episodes_per_task: int,
     seed: int,
+    demos_uri: str,
     pipeline: str,
     kfp_run_id: str,
     demos: Output[Dataset],
@@ -18,7 +19,7 @@ def collect_demos(
     from distillery.steps import mode
 
     run_step(mode.collect_demos, pipeline=pipeline, step="demos", kfp_run_id=kfp_run_id, kfp_metrics=metrics,
-             out_dir=demos.path, episodes_per_task=episodes_per_task, seed=seed)
+             out_dir=demos.path, episodes_per_task=episodes_per_task, seed=seed, demos_uri=demos_uri)
 
 
 @component

@@ -20,6 +20,7 @@ from pipelines.params import tracking_args
 @dsl.pipeline(name="mode", description=__doc__.split("\n")[0])
 def mode(
     episodes_per_task: int = 20,
+    demos_uri: str = "",
     min_episodes_per_task: int = 1,
     width: int = 128,
     depth: int = 4,
@@ -44,6 +45,8 @@ def mode(
 
     Args:
         episodes_per_task: Successful scripted-expert episodes collected per MT10 task.
+        demos_uri: Use these demonstrations (path or s3://, e.g. the DVC-tracked demos/mt10) instead of rolling out
+            the scripted experts.
         min_episodes_per_task: Validation: fewest episodes a task may have.
         width: Transformer width.
         depth: Transformer blocks.
@@ -65,7 +68,7 @@ def mode(
         seed: Random seed of every step.
     """
     t = tracking_args("mode")
-    demos = collect_demos(episodes_per_task=episodes_per_task, seed=seed, **t)
+    demos = collect_demos(episodes_per_task=episodes_per_task, seed=seed, demos_uri=demos_uri, **t)
     checked = validate_demos(demos=demos.outputs["demos"], min_episodes_per_task=min_episodes_per_task, **t)
     arch = dict(width=width, depth=depth, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden,
                 chunk=chunk, obs_history=obs_history, steps=train_steps, batch_size=batch_size, lr=lr,

@@ -70,3 +70,60 @@ def test_unknown_task_and_bad_counts_are_refused(tmp_path):
         dm.collect_mt10_demos(tmp_path, episodes_per_task=0, progress=False)
     with pytest.raises(FileNotFoundError, match="not a demonstration dataset"):
         dm.load_demos(tmp_path)
+
+
+def test_collect_step_takes_given_demos_and_records_their_dvc_md5(demos_dir, home, tmp_path):
+    from mlflow import MlflowClient
+
+    from distillery.platform import tracking, versioning
+    from distillery.platform.stepping import run_step
+    from distillery.steps import mode as steps
+
+    result = run_step(steps.collect_demos, pipeline="mode", step="demos", out_dir=str(tmp_path / "copy"),
+                      episodes_per_task=99, seed=5, demos_uri=str(demos_dir))
+    assert result["episodes"] == 10  # the given demonstrations, not 99 fresh ones per task
+    tracking.configure()
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("distillery/mode").experiment_id])[0]
+    assert run.data.tags["data_revision"] == versioning.content_hash(demos_dir)
+    assert run.data.tags["data_revision"].endswith(".dir")  # DVC's folder md5, as dvc.lock records it
+    with pytest.raises(FileNotFoundError, match="not a demonstration dataset"):
+        run_step(steps.collect_demos, pipeline="mode", step="demos", out_dir=str(tmp_path / "bad"),
+                 episodes_per_task=1, seed=0, demos_uri=str(tmp_path / "copy" / "manifest.json"))
+
+
+def test_data_demos_command_writes_validated_demos_and_never_clobbers(tmp_path):
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+    from distillery.platform import versioning
+
+    runner, out = CliRunner(), tmp_path / "demos" / "mt10"
+    r = runner.invoke(app, ["data", "demos", "--out", str(out), "--episodes-per-task", "1"])
+    assert r.exit_code == 0, r.output
+    assert dm.load_demos(out).manifest["episodes"] == 10
+    assert versioning.content_hash(out) in r.output.replace("\n", "")
+    before = versioning.content_hash(out)
+    r = runner.invoke(app, ["data", "demos", "--out", str(out), "--episodes-per-task", "2"])
+    assert r.exit_code == 2 and "--force" in r.output
+    assert versioning.content_hash(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mt10"]  # no temporary folder left behind
+
+
+def test_dvc_stage_of_the_demos_is_locked_to_the_current_code():
+    """dvc.lock must hold the md5 of demos/mt10 and of the code that produced it: changing the simulator or the
+    collection code without `dvc repro mt10-demos` fails here."""
+    from pathlib import Path
+
+    import yaml
+
+    from distillery.platform import versioning
+
+    root = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["mt10-demos"]
+    assert stage["outs"] == ["demos/mt10"] and "distillery data demos" in stage["cmd"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["mt10-demos"]
+    assert lock["cmd"] == stage["cmd"]
+    for dep in lock["deps"]:
+        assert versioning.content_hash(root / dep["path"]) == dep["md5"], f"{dep['path']} changed: dvc repro mt10-demos"
+    assert lock["outs"][0]["path"] == "demos/mt10" and lock["outs"][0]["md5"].endswith(".dir")

@@ -14,7 +14,8 @@ from rich.table import Table
 app = typer.Typer(help="distillery: research methods as KFP pipelines, tracked in MLflow, served by KServe.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 models_app = typer.Typer(help="Registered models: list, promote, roll back.", no_args_is_help=True)
-data_app = typer.Typer(help="Raw data tracked by data.dvc: pull, status.", no_args_is_help=True)
+data_app = typer.Typer(help="Data under DVC: raw data (data.dvc) pull/status; MT10 demonstrations (dvc.yaml).",
+                        no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -259,6 +260,36 @@ def data_status():
 
     status = versioning.data_status()
     console.print(status)
+
+
+@data_app.command("demos")
+def data_demos(
+    out: Path = typer.Option(Path("demos/mt10"), "--out", help="Folder to write (the DVC stage's output)."),
+    episodes_per_task: int = typer.Option(50, "--episodes-per-task", min=1, help="Successful episodes per task."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the task variations and resets."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder (only once the new one validates)."),
+):
+    """Roll out MT10's scripted experts into a demonstration dataset and validate it (`dvc repro mt10-demos`)."""
+    import shutil
+    import tempfile
+
+    from distillery.data.demos import collect_mt10_demos, validate_demos
+    from distillery.platform import versioning
+
+    if out.exists() and any(out.iterdir()) and not force:
+        _fail(f"{out} already holds files; pass --force to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
+        fresh = Path(tmp) / "demos"
+        manifest = collect_mt10_demos(fresh, episodes_per_task=episodes_per_task, seed=seed)
+        result = validate_demos(fresh, Path(tmp) / "report.html")
+        if not result.success:
+            _fail(f"the collected demonstrations fail validation: {'; '.join(r.describe() for r in result.failed)}",
+                  code=1)
+        shutil.rmtree(out, ignore_errors=True)
+        fresh.rename(out)
+    console.print({"out": str(out), "episodes": manifest["episodes"], "steps": manifest["steps"],
+                   "content_sha256": manifest["content_sha256"], "dvc_md5": versioning.content_hash(out)})
 
 
 if __name__ == "__main__":

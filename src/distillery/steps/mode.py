@@ -7,15 +7,22 @@ from pathlib import Path
 from distillery.steps import checkpoint_dir, log_metrics
 
 
-def collect_demos(*, out_dir: str, episodes_per_task: int, seed: int) -> dict:
-    from distillery.data.demos import collect_mt10_demos
-    from distillery.platform import tracking, versioning
+def collect_demos(*, out_dir: str, episodes_per_task: int, seed: int, demos_uri: str = "") -> dict:
+    """Roll out the scripted experts, or copy the demonstrations at `demos_uri` (a path or s3://, e.g. the
+    DVC-tracked `demos/mt10`). The run's data revision is DVC's md5 of the artifact, the value dvc.lock records."""
+    from distillery.data.demos import collect_mt10_demos, load_demos
+    from distillery.platform import storage, tracking, versioning
 
-    manifest = collect_mt10_demos(Path(out_dir), episodes_per_task=episodes_per_task, seed=seed)
-    tracking.set_data_revision(versioning.data_revision().get("md5", "unknown"), manifest["content_sha256"])
+    out = Path(out_dir)
+    if demos_uri:
+        storage.download(demos_uri, out)
+        manifest = load_demos(out).manifest
+    else:
+        manifest = collect_mt10_demos(out, episodes_per_task=episodes_per_task, seed=seed)
+    tracking.set_data_revision(versioning.content_hash(out), manifest["content_sha256"])
     tracking.log_dict(manifest, "manifest.json")
     return {"episodes": manifest["episodes"], "steps": manifest["steps"],
-            "expert_failures": float(sum(manifest["expert_failures"].values()))}
+            "expert_failures": float(sum(manifest.get("expert_failures", {}).values()))}
 
 
 def validate_demos(*, dataset_dir: str, report_path: str, min_episodes_per_task: int) -> dict:
