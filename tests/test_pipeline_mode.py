@@ -46,6 +46,8 @@ def test_smoke_run_trains_evaluates_and_registers_the_cached_policy(smoke):
     artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
     assert {"evaluation_table.json", "evaluation_table.md", "trajectories"} <= artifacts
     assert len(client.list_artifacts(children["evaluate"].info.run_id, "trajectories")) == 3
+    frames = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "frames")}
+    assert frames == {f"frames/{n}.png" for n in ("mode-cached", "mode", "dense")}, frames  # rendered headless (EGL)
     deploy = {a.path for a in client.list_artifacts(children["deploy"].info.run_id)}
     assert "inferenceservice.yaml" in deploy
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real servers the integration tests start on 127.0.0.1: PostgreSQL 15 and a one-node Ceph cluster
-# (mon + memstore OSD + RADOS Gateway as the S3 server). Idempotent; Debian packages; needs root.
+# (mon + memstore OSD + RADOS Gateway as the S3 server), and headless OpenGL for MuJoCo frames.
+# Idempotent; Debian packages; needs root.
 set -euo pipefail
 need=()
 command -v /usr/lib/postgresql/15/bin/initdb >/dev/null 2>&1 || need+=(postgresql-15)
@@ -8,8 +9,12 @@ command -v radosgw >/dev/null 2>&1 || need+=(radosgw)
 command -v ceph-mon >/dev/null 2>&1 || need+=(ceph-mon)
 command -v ceph-osd >/dev/null 2>&1 || need+=(ceph-osd)
 command -v ceph >/dev/null 2>&1 || need+=(ceph-common)
+# Headless OpenGL (EGL + Mesa's software rasterizer) so MuJoCo renders evaluation frames without a display.
+for pkg in libegl1 libegl-mesa0 libgl1-mesa-dri; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if [ ${#need[@]} -eq 0 ]; then
-  echo "services: PostgreSQL and Ceph RGW already installed"
+  echo "services: PostgreSQL, Ceph RGW and EGL already installed"
   exit 0
 fi
 if [ "$(id -u)" != "0" ]; then

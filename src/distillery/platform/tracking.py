@@ -237,9 +237,11 @@ def log_dict(obj: dict, name: str) -> None:
 
 
 def log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
     import mlflow
 
     mlflow.log_figure(fig, name)
+    plt.close(fig)  # steps log many figures; pyplot would keep every one alive
 
 
 def log_dir(local_dir: Path, artifact_path: str) -> None:

@@ -50,6 +50,9 @@ def train(*, dataset_dir: str, out_dir: str, dense: bool, width: int, depth: int
                         sampling_steps=sampling_steps, seed=seed, checkpoint_dir=ckpt, on_log=log_metrics)
 
 
+FRAMES_EVERY = 10  # env steps between rendered frames of the first evaluation episode of each task
+
+
 def evaluate(*, mode_dir: str, dense_dir: str, episodes_per_task: int, max_steps: int, execute: int, seed: int,
              table_path: str) -> dict:
     """Closed-loop MT10 success of MoDE (cached and uncached) and the dense baseline, with latency and FLOPs."""
@@ -65,7 +68,7 @@ def evaluate(*, mode_dir: str, dense_dir: str, episodes_per_task: int, max_steps
     for name, policy in policies.items():
         # Evaluation variations and seeds start at 1000: disjoint from the demonstrations'.
         result = ev.evaluate_policy(policy, episodes_per_task=episodes_per_task, seed=1000 + seed,
-                                    max_steps=max_steps, execute=execute)
+                                    max_steps=max_steps, execute=execute, frames_every=FRAMES_EVERY)
         latency, flops = policy.time_per_chunk(), ev.flops_per_chunk(policy)
         active = policy.net.active_parameters()
         key = name.replace("-", "_")
@@ -75,6 +78,10 @@ def evaluate(*, mode_dir: str, dense_dir: str, episodes_per_task: int, max_steps
         rows.append({"policy": name, "success_rate": result["success_rate"], **result["per_task"],
                      "latency_per_chunk_s": latency, "flops_per_chunk": flops, "active_parameters": active})
         tracking.log_figure(ev.trajectory_plot(result["trajectories"], name), f"trajectories/{name}.png")
+        if result["frame_strips"]:
+            tracking.log_figure(ev.frame_strips_figure(result["frame_strips"], name), f"frames/{name}.png")
+        else:
+            mlflow.log_text(f"no frames: MuJoCo could not render ({result['render_error']})", f"frames/{name}.txt")
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "evaluation_table.json")
     lines = ["| policy | success | latency / chunk (ms) | GFLOPs / chunk | active params |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['policy']} | {r['success_rate']:.2f} | {1000 * r['latency_per_chunk_s']:.1f} | "

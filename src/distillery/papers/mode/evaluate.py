@@ -1,9 +1,10 @@
 """Closed-loop evaluation in Meta-World MT10: rollouts with fixed seeds on task variations, success rate per task and
-on average, inference latency and FLOPs per action chunk, and a trajectory plot per task (hand position over time;
-a rendered frame strip needs an OpenGL context, which headless machines without EGL/OSMesa do not have)."""
+on average, inference latency and FLOPs per action chunk, a frame strip per task (MuJoCo renders headless through
+EGL; without an OpenGL driver the strip is skipped and the reason returned) and a hand-path plot per task."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import numpy as np
@@ -12,45 +13,89 @@ from distillery.sim import mt10
 
 
 def rollout(policy, task: str, *, variation: int, seed: int, max_steps: int = 500, execute: int = 4,
-            act=None) -> dict:
+            act=None, frames_every: int = 0) -> dict:
     """Run one episode: every `execute` steps the policy predicts a chunk and its first `execute` actions run.
-    `act(history, task, seed)` defaults to `policy.act`; the HTTP test passes a function that calls the endpoint."""
+    `act(history, task, seed)` defaults to `policy.act`; the HTTP test passes a function that calls the endpoint.
+    `frames_every` > 0 renders a frame at the start, every that many steps, and at the end."""
     env = mt10.make_env(task, variation)
+    if frames_every:
+        _camera(env)
     obs, _ = env.reset(seed=seed)
+    frames, render_error = [], ""
+
+    def grab():
+        nonlocal render_error
+        if frames_every and not render_error:
+            try:
+                frames.append(np.rot90(env.render(), 2).copy())  # the corner camera is mounted upside down
+            except Exception as e:  # no OpenGL driver: keep the rollout, report why there are no frames
+                render_error = f"{type(e).__name__}: {e}"
     history = deque([obs] * policy.cfg.obs_history, maxlen=policy.cfg.obs_history)
     act = act or (lambda h, t, s: policy.act(h[None], [t], seed=s)[0])
     hand, success, steps, calls = [], False, 0, 0
-    limit = min(max_steps, mt10.max_steps(env))
-    while steps < limit and not success:
-        chunk = act(np.stack(history).astype(np.float32), task, seed * 7919 + calls)
-        calls += 1
-        for action in chunk[:execute]:
-            obs, _, terminated, truncated, info = env.step(mt10.clip_action(action))
-            history.append(obs)
-            hand.append(np.asarray(obs[:3]))
-            steps += 1
-            if info.get("success"):
-                success = True
-                break
-            if terminated or truncated or steps >= limit:
-                break
-    env.close()
-    return {"success": success, "steps": steps, "policy_calls": calls, "hand": np.array(hand)}
+    try:
+        limit = min(max_steps, mt10.max_steps(env))
+        grab()
+        while steps < limit and not success:
+            chunk = act(np.stack(history).astype(np.float32), task, seed * 7919 + calls)
+            calls += 1
+            for action in chunk[:execute]:
+                obs, _, terminated, truncated, info = env.step(mt10.clip_action(action))
+                history.append(obs)
+                hand.append(np.asarray(obs[:3]))
+                steps += 1
+                if frames_every and steps % frames_every == 0:
+                    grab()
+                if info.get("success"):
+                    success = True
+                    break
+                if terminated or truncated or steps >= limit:
+                    break
+        if frames_every and steps % frames_every:
+            grab()
+    finally:
+        env.close()  # frees the GL context too
+    return {"success": success, "steps": steps, "policy_calls": calls, "hand": np.array(hand), "frames": frames,
+            "render_error": render_error}
+
+
+FRAME_SIZE = 128
+
+
+def _camera(env) -> None:
+    """Render small frames from the fixed corner camera, headless (EGL) unless the user chose a GL backend."""
+    import mujoco
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # read when the first frame opens the GL context
+    env.render_mode = "rgb_array"
+    renderer = env.mujoco_renderer  # creates its viewer at the first render, with these settings
+    renderer.width = renderer.height = FRAME_SIZE
+    renderer.camera_id = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, "corner")
+
+
+def frame_strip(frames: list[np.ndarray], n: int = 8) -> np.ndarray:
+    """n frames evenly spaced over the episode (first and last included), side by side."""
+    pick = np.unique(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int))
+    return np.concatenate([frames[i] for i in pick], axis=1)
 
 
 def evaluate_policy(policy, *, tasks=mt10.TASKS, episodes_per_task: int = 5, seed: int = 1000, max_steps: int = 500,
-                    execute: int = 4, progress=None) -> dict:
-    """Success rate per task and on average over fixed (variation, seed) pairs disjoint from the demos' seeds."""
-    per_task, trajectories = {}, {}
+                    execute: int = 4, frames_every: int = 0, progress=None) -> dict:
+    """Success rate per task and on average over fixed (variation, seed) pairs disjoint from the demos' seeds.
+    With `frames_every`, the first episode of each task is rendered into a frame strip."""
+    per_task, trajectories, strips, render_error = {}, {}, {}, ""
     for task in tasks:
-        results = [rollout(policy, task, variation=seed + e, seed=seed + e, max_steps=max_steps, execute=execute)
-                   for e in range(episodes_per_task)]
+        results = [rollout(policy, task, variation=seed + e, seed=seed + e, max_steps=max_steps, execute=execute,
+                           frames_every=frames_every if e == 0 else 0) for e in range(episodes_per_task)]
         per_task[task] = float(np.mean([r["success"] for r in results]))
         trajectories[task] = [r["hand"] for r in results]
+        if results[0]["frames"]:
+            strips[task] = frame_strip(results[0]["frames"])
+        render_error = render_error or results[0]["render_error"]
         if progress:
             progress(task, per_task[task])
     return {"success_rate": float(np.mean(list(per_task.values()))), "per_task": per_task,
-            "trajectories": trajectories}
+            "trajectories": trajectories, "frame_strips": strips, "render_error": render_error}
 
 
 def flops_per_chunk(policy) -> float:
@@ -82,5 +127,23 @@ def trajectory_plot(trajectories: dict[str, list[np.ndarray]], title: str):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title}: hand x-y path per episode (dot: last position)")
+    fig.tight_layout()
+    return fig
+
+
+def frame_strips_figure(strips: dict[str, np.ndarray], title: str):
+    """One row per task: frames of its first evaluation episode, start to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(strips), 1, figsize=(12, 1.6 * len(strips)), squeeze=False)
+    for ax, (task, strip) in zip(axes[:, 0], strips.items()):
+        ax.imshow(strip)
+        ax.set_ylabel(task, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: first evaluation episode per task, start to end")
     fig.tight_layout()
     return fig
