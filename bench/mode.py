@@ -8,6 +8,10 @@ The dense baseline is frozen the same way.
     python bench/mode.py                      # caching on the cpu profile's architecture (no training needed)
     python bench/mode.py --policy-dir DIR     # the same for a trained policy folder
     python bench/mode.py --run --profile cpu  # also run the mode pipeline and report success rates
+    python bench/mode.py --home DIR           # measure a finished `mode` run again (DIR: its DISTILLERY_HOME)
+
+With trained policies, MoDE and the dense baseline are also rolled out on unseen MT10 variations (drawn from
+another benchmark seed than the demonstrations'): `--unseen-episodes` per task, 0 to skip.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ def main() -> None:
     ap.add_argument("--run", action="store_true", help="run the mode pipeline first and use its policies")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--home", type=Path, help="DISTILLERY_HOME of a finished mode run to measure")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--unseen-seed", type=int, default=7)
+    ap.add_argument("--unseen-episodes", type=int, default=3)
     opts = ap.parse_args()
 
     import numpy as np
@@ -55,7 +62,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # one request at a time on one core: what a CPU predictor replica does
     extra: dict = {}
-    success = None
+    success, dense_dir = None, None
+    home = opts.home
     if opts.run:
         home = fresh_home(f"mode-{opts.profile}")
         cmd = [sys.executable, "-m", "distillery.cli", "run", "mode", "--profile", opts.profile]
@@ -64,16 +72,21 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
         extra["pipeline_s"] = time.perf_counter() - t
+    if home is not None:
         from mlflow import MlflowClient
 
         from distillery.platform import tracking
+        from distillery.settings import get_settings
 
+        os.environ["DISTILLERY_HOME"] = str(home)
+        get_settings.cache_clear()
         tracking.configure()
         c = MlflowClient()
         exp = c.get_experiment_by_name("distillery/mode")
         success = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
                                 order_by=["attributes.start_time DESC"])[0].data.metrics
-        opts.policy_dir = sorted(p.parent for p in Path(home).rglob("policy/policy.json"))[0]
+        trained = {json.loads(p.read_text())["config"]["dense"]: p.parent for p in Path(home).rglob("policy/policy.json")}
+        opts.policy_dir, dense_dir = trained[False], trained[True]
     if opts.policy_dir is None:  # the cpu profile's architecture, untrained: caching cost does not depend on training
         args = resolve("mode", mode_pipeline, opts.profile, {})
         keys = ("width", "depth", "num_experts", "top_k", "expert_hidden", "chunk", "obs_history")
@@ -86,10 +99,11 @@ def main() -> None:
         extra["policy"] = f"untrained, {opts.profile} profile architecture"
     cached = Policy(opts.policy_dir)
     eager, plain = cached.using("cached"), cached.using("uncached")
-    dense_cfg = MoDEConfig(**{**cached.cfg.__dict__, "dense": True})
-    dense_dir = RESULTS / "homes" / "mode-dense-same-size"
-    save_policy(dense_dir, MoDEPolicy(dense_cfg), sampling_steps=len(cached.sigmas), obs_mean=np.zeros(39),
-                obs_std=np.ones(39), tasks=cached.tasks, instructions=cached.instructions, goals=cached.goals)
+    if dense_dir is None:  # an untrained dense baseline of the same active size, for latency and FLOPs
+        dense_cfg = MoDEConfig(**{**cached.cfg.__dict__, "dense": True})
+        dense_dir = RESULTS / "homes" / "mode-dense-same-size"
+        save_policy(dense_dir, MoDEPolicy(dense_cfg), sampling_steps=len(cached.sigmas), obs_mean=np.zeros(39),
+                    obs_std=np.ones(39), tasks=cached.tasks, instructions=cached.instructions, goals=cached.goals)
     dense = Policy(dense_dir)
     obs = np.random.default_rng(0).normal(size=(1, cached.cfg.obs_history, cached.cfg.obs_dim)).astype(np.float32)
     tasks = [cached.tasks[0]]
@@ -113,6 +127,14 @@ def main() -> None:
         rows += [("MT10 success rate: MoDE (cached) vs dense", success["mode_cached_success_rate"],
                   success["dense_success_rate"], "")]
         extra["per_task"] = {k: v for k, v in success.items() if "_success_" in k}
+        if opts.unseen_episodes:
+            unseen = {}
+            for name, policy in (("mode", cached), ("dense", dense)):
+                unseen[name] = ev.evaluate_policy(policy, episodes_per_task=opts.unseen_episodes,
+                                                  benchmark_seed=opts.unseen_seed, seed=0)
+                extra[f"unseen_per_task_{name}"] = unseen[name]["per_task"]
+            rows += [(f"MT10 success on unseen variations (benchmark seed {opts.unseen_seed}): MoDE vs dense",
+                      unseen["mode"]["success_rate"], unseen["dense"]["success_rate"], "")]
     extra.update(max_abs_action_diff_cached_vs_uncached=diff, sampling_steps=len(cached.sigmas),
                  config=cached.cfg.__dict__)
     report("mode", rows, extra=extra)

@@ -127,3 +127,14 @@ def test_dvc_stage_of_the_demos_is_locked_to_the_current_code():
     for dep in lock["deps"]:
         assert versioning.content_hash(root / dep["path"]) == dep["md5"], f"{dep['path']} changed: dvc repro mt10-demos"
     assert lock["outs"][0]["path"] == "demos/mt10" and lock["outs"][0]["md5"].endswith(".dir")
+
+
+def test_another_benchmark_seed_gives_unseen_task_variations():
+    seen, unseen = mt10.make_env("push-v3", 0), mt10.make_env("push-v3", 0, benchmark_seed=7)
+    try:
+        a, b = seen.reset(seed=0)[0], unseen.reset(seed=0)[0]
+    finally:
+        seen.close()
+        unseen.close()
+    assert not np.allclose(a[4:7], b[4:7])  # the puck starts elsewhere
+    assert np.allclose(a, mt10.make_env("push-v3", 0).reset(seed=0)[0])  # the same variation is the same start

@@ -23,7 +23,7 @@ TASKS = tuple(INSTRUCTIONS)
 OBS_DIM, ACT_DIM = 39, 4
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def _benchmark(seed: int = 0):
     import metaworld
 
@@ -36,9 +36,10 @@ def check_task(name: str) -> str:
     return name
 
 
-def make_env(name: str, variation: int, render: bool = False):
-    """The task's environment with one of its 50 fixed variations (object and goal positions)."""
-    bench = _benchmark()
+def make_env(name: str, variation: int, render: bool = False, benchmark_seed: int = 0):
+    """The task's environment with one of its 50 fixed variations (object and goal positions). MT10 draws the 50
+    variations from `benchmark_seed`: the demonstrations use seed 0; another seed gives unseen variations."""
+    bench = _benchmark(benchmark_seed)
     check_task(name)
     env = bench.train_classes[name](render_mode="rgb_array" if render else None)
     variations = [t for t in bench.train_tasks if t.env_name == name]
