@@ -66,7 +66,7 @@ def evaluate(*, mode_dir: str, dense_dir: str, episodes_per_task: int, max_steps
     policies = {"mode-cached": served, "mode": served.using("uncached"), "dense": Policy(Path(dense_dir))}
     rows, metrics = [], {}
     for name, policy in policies.items():
-        # Evaluation variations and seeds start at 1000: disjoint from the demonstrations'.
+        # Reset seeds from 1000, apart from the demonstrations'; the task variations are MT10's 50, as its protocol has it.
         result = ev.evaluate_policy(policy, episodes_per_task=episodes_per_task, seed=1000 + seed,
                                     max_steps=max_steps, execute=execute, frames_every=FRAMES_EVERY)
         latency, flops = policy.time_per_chunk(), ev.flops_per_chunk(policy)
