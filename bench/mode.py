@@ -30,13 +30,16 @@ from _common import RESULTS, fresh_home, report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _timed(policy, obs, tasks, repeats: int) -> list[float]:
-    out = []
+def _median_latencies(policies, obs, tasks, repeats: int) -> list[float]:
+    """Median seconds per chunk of each policy, timed in turn within every round so that drifts of the machine
+    (clock, caches, neighbours) fall on all of them alike."""
+    times = [[] for _ in policies]
     for i in range(repeats):
-        t = time.perf_counter()
-        policy.act(obs, tasks, seed=i)
-        out.append(time.perf_counter() - t)
-    return out
+        for p, out in zip(policies, times):
+            t = time.perf_counter()
+            p.act(obs, tasks, seed=i)
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -107,10 +110,9 @@ def main() -> None:
     dense = Policy(dense_dir)
     obs = np.random.default_rng(0).normal(size=(1, cached.cfg.obs_history, cached.cfg.obs_dim)).astype(np.float32)
     tasks = [cached.tasks[0]]
-    for p in (cached, eager, plain, dense):
-        _timed(p, obs, tasks, 5)  # warm-up
-    t_cached, t_eager, t_plain, t_dense = (statistics.median(_timed(p, obs, tasks, opts.repeats))
-                                           for p in (cached, eager, plain, dense))
+    policies = (cached, eager, plain, dense)
+    _median_latencies(policies, obs, tasks, 5)  # warm-up
+    t_cached, t_eager, t_plain, t_dense = _median_latencies(policies, obs, tasks, opts.repeats)
     diff = max(float(np.abs(p.act(obs, tasks, seed=s) - plain.act(obs, tasks, seed=s)).max())
                for s in range(10) for p in (cached, eager))
     rows = [

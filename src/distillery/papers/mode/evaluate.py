@@ -141,10 +141,10 @@ def frame_strips_figure(strips: dict[str, np.ndarray], title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(strips), 1, figsize=(12, 1.6 * len(strips)), squeeze=False)
+    fig, axes = plt.subplots(len(strips), 1, figsize=(12, 1.8 * len(strips)), squeeze=False)
     for ax, (task, strip) in zip(axes[:, 0], strips.items()):
         ax.imshow(strip)
-        ax.set_ylabel(task, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_title(task, loc="left", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{title}: first evaluation episode per task, start to end")
