@@ -275,6 +275,7 @@ def data_demos(
 
     from distillery.data.demos import collect_mt10_demos, validate_demos
     from distillery.platform import versioning
+    from distillery.platform.validation import DataValidationError
 
     if out.exists() and any(out.iterdir()) and not force:
         _fail(f"{out} already holds files; pass --force to replace it, or choose another --out")
@@ -284,8 +285,7 @@ def data_demos(
         manifest = collect_mt10_demos(fresh, episodes_per_task=episodes_per_task, seed=seed)
         result = validate_demos(fresh, Path(tmp) / "report.html")
         if not result.success:
-            _fail(f"the collected demonstrations fail validation: {'; '.join(r.describe() for r in result.failed)}",
-                  code=1)
+            _fail(str(DataValidationError(result)), code=1)
         shutil.rmtree(out, ignore_errors=True)
         fresh.rename(out)
     console.print({"out": str(out), "episodes": manifest["episodes"], "steps": manifest["steps"],
