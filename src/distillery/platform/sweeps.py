@@ -22,7 +22,7 @@ DIRECTIONS = ("minimize", "maximize")
 def storage(url: str | None = None):
     """The RDB storage at `url` (default: settings.optuna_storage_url)."""
     import optuna
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     url = url or get_settings().optuna_storage_url
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -31,7 +31,8 @@ def storage(url: str | None = None):
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except OperationalError:  # workers starting together on a new database race to create its tables
+        except (OperationalError, IntegrityError):  # workers starting together on a new database race to create
+            # its tables (a locked database) or to stamp its schema version (alembic_version's unique key)
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
