@@ -56,6 +56,21 @@ def test_v1_and_v2_return_the_action_chunk_the_policy_computes(server, policy_di
     assert out["name"] == "actions" and out["shape"] == [2, 4, 4] and len(out["data"]) == 32
 
 
+def test_v1_instances_use_their_own_seeds(server, policy_dir):
+    local = Policy(policy_dir)
+    one = lambda seed: requests.post(f"{server}/v1/models/mode:predict", timeout=30, json={"instances": [
+        {"task": "push-v3", "observations": _obs(), "seed": seed}]}).json()["predictions"][0]["actions"]
+    r = requests.post(f"{server}/v1/models/mode:predict", timeout=30, json={"instances": [
+        {"task": "push-v3", "observations": _obs(), "seed": 3}, {"task": "push-v3", "observations": _obs(), "seed": 5}]})
+    assert r.status_code == 200, r.text
+    batch = [np.array(p["actions"]) for p in r.json()["predictions"]]
+    np.testing.assert_allclose(batch[0], one(3), atol=1e-5)
+    np.testing.assert_allclose(batch[1], one(5), atol=1e-5)  # the second instance's seed is not ignored
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="2 seeds for 1"):
+        local.act(np.array([_obs()], np.float32), ["push-v3"], seed=[1, 2])
+
+
 @pytest.mark.parametrize("body,words", [
     ({"instances": [{"task": "push-v3", "observations": [[0.0] * 38] * 2}]}, "shaped [2, 39]"),
     ({"instances": [{"task": "push-v3", "observations": [[0.0] * 39]}]}, "shaped [2, 39]"),

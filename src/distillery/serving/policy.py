@@ -2,6 +2,7 @@
 
 V1  POST /v1/models/NAME:predict
     {"instances": [{"task": "reach-v3" or its instruction, "observations": [[39 floats] x history], "seed"?: int}]}
+    (each instance is sampled with its own seed, default 0: batching does not change an instance's actions)
     -> {"predictions": [{"actions": [[4 floats] x chunk], "task": "reach-v3"}]}
 V2  POST /v2/models/NAME/infer: inputs "observations" FP32 [B, history, 39] and "task" BYTES [B]; parameter "seed"
     -> output "actions" FP32 [B, chunk, 4]
@@ -73,7 +74,7 @@ class PolicyModel(kserve.Model):
             raise InvalidInput(f"'seed' must be a non-negative integer, got {value!r}")
         return int(value)
 
-    def _act(self, obs: np.ndarray, tasks: list[str], seed: int) -> np.ndarray:
+    def _act(self, obs: np.ndarray, tasks: list[str], seed: int | list[int]) -> np.ndarray:
         with self._lock:
             return self.policy.act(obs, tasks, seed=seed)
 
@@ -95,7 +96,7 @@ class PolicyModel(kserve.Model):
                 raise InvalidInput("every instance needs 'task' and 'observations'")
         obs = np.stack([self._observations(i["observations"]) for i in instances])
         tasks = [self._task(i["task"]) for i in instances]
-        seed = self._seed(instances[0].get("seed", 0))
+        seed = [self._seed(i.get("seed", 0)) for i in instances]
         actions = await asyncio.get_running_loop().run_in_executor(None, self._act, obs, tasks, seed)
         return {"predictions": [{"actions": a.tolist(), "task": t} for a, t in zip(actions, tasks)]}
 

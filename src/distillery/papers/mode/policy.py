@@ -143,12 +143,21 @@ class Policy:
 
     @torch.no_grad()
     def act(self, obs_history: np.ndarray, tasks: list[str], noise: torch.Tensor | None = None,
-            seed: int = 0) -> np.ndarray:
-        """obs_history (B, obs_history, obs_dim) raw observations -> action chunk (B, chunk, act_dim) in [-1, 1]."""
+            seed: int | list[int] = 0) -> np.ndarray:
+        """obs_history (B, obs_history, obs_dim) raw observations -> action chunk (B, chunk, act_dim) in [-1, 1].
+
+        One seed draws the whole batch's noise; a list gives each instance its own, so an instance's actions do not
+        depend on what else was batched with it."""
         obs = (torch.as_tensor(np.asarray(obs_history), dtype=torch.float32) - self.mean) / self.std
         goal = self.goals[[self.task_index(t) for t in tasks]]
         if noise is None:
-            noise = torch.randn(len(obs), self.cfg.chunk, self.cfg.act_dim, generator=torch.Generator().manual_seed(seed))
+            shape = (self.cfg.chunk, self.cfg.act_dim)
+            if isinstance(seed, (list, tuple)):
+                if len(seed) != len(obs):
+                    raise ValueError(f"{len(seed)} seeds for {len(obs)} observation histories")
+                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed])
+            else:
+                noise = torch.randn(len(obs), *shape, generator=torch.Generator().manual_seed(seed))
         if self.sampler == "frozen":
             out = self._frozen(obs, goal, noise)
         else:
