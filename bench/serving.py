@@ -2,7 +2,9 @@
 
 Serves a tiny-sd model folder with `python -m distillery.serving` on 127.0.0.1 and measures
 p50/p95 latency of sequential V1 requests, throughput with concurrent clients, and process-start-to-ready
-time; the baseline is the same StableDiffusionPipeline called in this process with the same request.
+time; the baseline is the same StableDiffusionPipeline called in this process with the same request, under the
+same `torch.inference_mode` as the endpoint. The two are timed in turn, one request each per round, the order
+flipped every round, so that neither gains from running while the machine is quieter.
 
     python bench/serving.py [--model-dir DIR] [--steps 8] [--requests 30] [--concurrency 4]
 Without --model-dir the registry's tiny-sd champion is used (run `make run` first).
@@ -56,19 +58,6 @@ def start_server(model_dir: Path, name: str) -> tuple[subprocess.Popen, str, flo
         time.sleep(0.1)
 
 
-def latencies(predict_url: str, body: dict, n: int) -> list[float]:
-    """Seconds per sequential V1 request, a new seed each time."""
-    import requests
-
-    out = []
-    for i in range(n):
-        b = {"instances": [{**body["instances"][0], "seed": i}]}
-        t = time.perf_counter()
-        requests.post(predict_url, json=b, timeout=120).raise_for_status()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path)
@@ -95,15 +84,9 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def local_call(seed: int = 0):
-        return pipe(["a handwritten digit seven"], num_inference_steps=opts.steps, guidance_scale=3.0, height=size,
-                    width=size, generator=torch.Generator().manual_seed(seed)).images[0]
-
-    local_call()
-    local = []
-    for i in range(opts.requests):
-        t = time.perf_counter()
-        local_call(i)
-        local.append(time.perf_counter() - t)
+        with torch.inference_mode():
+            return pipe(["a handwritten digit seven"], num_inference_steps=opts.steps, guidance_scale=3.0,
+                        height=size, width=size, generator=torch.Generator().manual_seed(seed)).images[0]
 
     server, url, cold = start_server(model_dir, "tiny-sd")
     try:
@@ -111,15 +94,23 @@ def main() -> None:
         r = requests.post(predict, json=body, timeout=60)
         r.raise_for_status()
         base64.b64decode(r.json()["predictions"][0]["image_png_b64"])
-        served = latencies(predict, body, opts.requests)
+        local_call()
 
-        def one(i: int) -> None:
+        def served_call(i: int) -> None:
             b = {"instances": [{**body["instances"][0], "seed": i}]}
             requests.post(predict, json=b, timeout=120).raise_for_status()
 
+        local, served = [], []
+        for i in range(opts.requests):
+            order = [(local_call, local), (served_call, served)]
+            for call, times in (order if i % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                call(i)
+                times.append(time.perf_counter() - t)
+
         t = time.perf_counter()
         with ThreadPoolExecutor(opts.concurrency) as ex:
-            list(ex.map(one, range(opts.requests)))
+            list(ex.map(served_call, range(opts.requests)))
         throughput = opts.requests / (time.perf_counter() - t)
     finally:
         server.terminate()
