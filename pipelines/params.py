@@ -114,6 +114,20 @@ class ParameterError(ValueError):
     pass
 
 
+def _scott_headline_rows(p: dict[str, Any]) -> str | None:
+    from distillery.papers.scott.evaluate import HEADLINE_STUDENT_STEPS, HEADLINE_TEACHER_STEPS
+
+    missing = [f"{name} must include {k}" for name, k in (("teacher_eval_steps", HEADLINE_TEACHER_STEPS),
+                                                          ("student_eval_steps", HEADLINE_STUDENT_STEPS))
+               if k not in p[name]]
+    return ("; ".join(missing) + " (the headline and the gate compare the student at "
+            f"{HEADLINE_STUDENT_STEPS} steps with the teacher at {HEADLINE_TEACHER_STEPS})") if missing else None
+
+
+# Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
+CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows]}
+
+
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:
     fn = getattr(func, "pipeline_func", func)
     return dict(inspect.signature(fn).parameters)
@@ -132,10 +146,14 @@ def resolve(pipeline: str, func: Callable, profile: str, overrides: dict[str, An
     fields = {name: (p.annotation, Field(p.default, **constraints.get(name, {}))) for name, p in params.items()}
     model = create_model(f"{pipeline}-params", __config__=ConfigDict(extra="forbid", strict=False), **fields)
     try:
-        return model(**{**profiles[profile], **overrides}).model_dump()
+        values = model(**{**profiles[profile], **overrides}).model_dump()
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors())
         raise ParameterError(f"invalid parameters for {pipeline}: {problems}") from None
+    problems = [msg for check in CHECKS.get(pipeline, []) if (msg := check(values))]
+    if problems:
+        raise ParameterError(f"invalid parameters for {pipeline}: {'; '.join(problems)}")
+    return values
 
 
 def parse_set(pairs: list[str]) -> dict[str, Any]:

@@ -80,4 +80,6 @@ def test_scott_compiles_with_both_teacher_branches_and_validates_its_sweep(home,
     assert set(spec["root"]["dag"]["tasks"]) >= {"prepare-image-captions", "train-feature-net", "condition-branches-1"}
     r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0"])
     assert r.exit_code == 2 and "sweep_workers" in r.output and "solver_substeps" in r.output
+    r = runner.invoke(app, ["run", "scott", "--set", "teacher_eval_steps=[4, 50]"])
+    assert r.exit_code == 2 and "teacher_eval_steps must include 25" in r.output
     assert not (home / "pipeline_root").exists()

@@ -140,7 +140,7 @@ def test_imported_teacher_branch_skips_teacher_training(smoke):
     teachers = sorted(p.parent for p in home.rglob("train-unet/model/model_index.json"))
     assert teachers, "the first run left no teacher model"
     proc = _cli(home, "run", "scott", "--profile", "smoke", "--cache", "--set", f"teacher_uri={teachers[0]}",
-                "--set", "trial_steps=1", "--set", "distill_steps=2", "--set", "teacher_eval_steps=[1]",
+                "--set", "trial_steps=1", "--set", "distill_steps=2", "--set", "teacher_eval_steps=[25]",
                 "--set", "student_eval_steps=[2]")
     client = _mlflow(home)
     runs = _runs(client, "distillery/scott")

@@ -192,6 +192,8 @@ def test_headline_and_table():
     assert h["fd"] == 12.0 and h["fd_ratio_vs_teacher"] == pytest.approx(1.2)
     assert h["unet_eval_reduction"] == pytest.approx(25.0) and h["fd_ratio_vs_cd_ode"] == pytest.approx(0.6)
     assert h["monotone_in_steps"] == 1.0
+    with pytest.raises(ValueError, match="no teacher row at 25 steps .it has \\[50\\]"):
+        ev.headline(rows[1:], "scott-adv")  # never silently the teacher at 50
     table = ev.markdown(rows)
     assert table.count("\n") == len(rows) + 2 and "| scott-adv | 2 | 12.00 |" in table
     assert ev.row_key("scott-adv", 2) == "scott_adv_2step"

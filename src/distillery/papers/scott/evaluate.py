@@ -65,14 +65,24 @@ def plot(rows: list[dict]):
     return fig
 
 
-def headline(rows: list[dict], candidate: str, teacher: str = "teacher", candidate_steps: int = 2,
-             teacher_steps: int = 25, baseline: str = "cd-ode") -> dict:
+# The paper's comparison: the student at 2 steps against the teacher at 25.
+HEADLINE_STUDENT_STEPS = 2
+HEADLINE_TEACHER_STEPS = 25
+
+
+def headline(rows: list[dict], candidate: str, teacher: str = "teacher",
+             candidate_steps: int = HEADLINE_STUDENT_STEPS, teacher_steps: int = HEADLINE_TEACHER_STEPS,
+             baseline: str = "cd-ode") -> dict:
     """The numbers the gate and the README look at: the candidate at `candidate_steps` against the teacher at
-    `teacher_steps` and the CD-ODE baseline at the same steps."""
+    `teacher_steps` and the CD-ODE baseline at the same steps. A missing row is an error, never another step
+    count: a ratio against the teacher at 4 steps is not the ratio the gate's threshold was set for."""
     by = {(r["model"], r["steps"]): r for r in rows}
-    # Fall back to the nearest rows the table has, so a custom step list still gets a headline.
-    candidate_steps = _nearest([r["steps"] for r in rows if r["model"] == candidate], candidate_steps)
-    teacher_steps = _nearest([r["steps"] for r in rows if r["model"] == teacher], teacher_steps)
+    for model, steps in ((candidate, candidate_steps), (teacher, teacher_steps)):
+        if (model, steps) not in by:
+            have = sorted(r["steps"] for r in rows if r["model"] == model)
+            raise ValueError(f"the table has no {model} row at {steps} steps (it has {have or 'none'}); the headline "
+                             f"compares the student at {candidate_steps} steps with the teacher at {teacher_steps}: "
+                             f"include them in student_eval_steps / teacher_eval_steps")
     cand, ref = by[(candidate, candidate_steps)], by[(teacher, teacher_steps)]
     out = {"fd": cand["fd"], "cond_acc": cand["cond_acc"], "latency_s": cand["latency_s"],
            "fd_ratio_vs_teacher": cand["fd"] / max(ref["fd"], 1e-12),
@@ -86,8 +96,3 @@ def headline(rows: list[dict], candidate: str, teacher: str = "teacher", candida
     out["monotone_in_steps"] = float(all(b["fd"] <= a["fd"] * 1.05 for a, b in zip(mine, mine[1:])))
     return out
 
-
-def _nearest(available: list[int], wanted: int) -> int:
-    if not available:
-        raise ValueError("the table has no row for a model the headline needs")
-    return min(available, key=lambda k: (abs(k - wanted), k))
