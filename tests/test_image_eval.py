@@ -43,6 +43,42 @@ def test_frechet_distance_matches_the_sqrtm_formula_and_stays_finite_with_few_sa
     assert np.isfinite(few) and few > 128 * 0.5
 
 
+class _Projection:
+    """A fixed random projection of the pixels: a feature extractor with known features."""
+
+    def __init__(self, dim=16):
+        self.w = np.random.default_rng(3).normal(size=(8 * 8 * 3, dim))
+
+    def features(self, images):
+        return (np.asarray(images, np.float64).reshape(len(images), -1) / 255.0) @ self.w
+
+
+def test_torchmetrics_fid_equals_the_hand_written_distance_and_kid_orders_shifts():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 200, (120, 8, 8, 3)).astype(np.uint8)
+    near = np.clip(rng.integers(0, 200, (100, 8, 8, 3)) + 5, 0, 255).astype(np.uint8)
+    far = np.clip(rng.integers(0, 200, (100, 8, 8, 3)) + 40, 0, 255).astype(np.uint8)
+    proj = _Projection()
+    lib = image_eval.distribution_metrics(proj, near, real)
+    ours = image_eval.frechet_distance(proj.features(near), proj.features(real))
+    assert lib["fd"] == pytest.approx(ours, rel=1e-5)  # the bootstrap's hand-written FD is torchmetrics' FD
+    farther = image_eval.distribution_metrics(proj, far, real)
+    assert farther["fd"] > lib["fd"] and farther["kid"] > lib["kid"] > -0.01
+    assert image_eval.distribution_metrics(proj, near, real) == lib  # KID's subsets are seeded
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        image_eval.distribution_metrics(proj, near[:1], real)
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_samples():
+    rng = np.random.default_rng(1)
+    small, large = rng.random(40) < 0.7, rng.random(4000) < 0.7
+    lo, hi = image_eval.bootstrap_ci(np.mean, small.astype(float))
+    assert lo <= small.mean() <= hi
+    lo2, hi2 = image_eval.bootstrap_ci(np.mean, large.astype(float))
+    assert lo2 <= large.mean() <= hi2 and (hi2 - lo2) < (hi - lo) / 4
+    assert image_eval.bootstrap_ci(np.mean, small.astype(float)) == (lo, hi)  # seeded
+
+
 def test_feature_net_learns_real_digits_and_round_trips(tmp_path):
     build_image_caption_dataset(tmp_path / "ds", sources=("mnist",), resolution=16, per_class=60,
                                 data_dir=REPO / "data")
@@ -100,6 +136,8 @@ def test_evaluation_reports_quality_cost_and_a_grid(squares_net, tmp_path):
     assert guided["num_generated"] == 4
     assert guided["unet_evals_per_image"] == 6  # guidance doubles the UNet batch at every step
     assert np.isfinite(guided["fd"]) and guided["fd"] > 0 and 0 <= guided["cond_acc"] <= 1 and guided["latency_s"] > 0
+    assert guided["latency_batch_s"] > 0 and np.isfinite(guided["kid"])  # batch-1 latency and amortized, apart
+    assert guided["fd_ci_low"] <= guided["fd_ci_high"] and 0 <= guided["cond_acc_ci_low"] <= guided["cond_acc_ci_high"] <= 1
     side = (2 * (16 + 2) + 2) * 16  # 2 samples per row, 2 class rows, 2 px padding, upscaled x16
     assert guided["grid"].size == (side, side)
     again = image_eval.evaluate_text_to_image(pipe, holdout, squares_net, guidance_scale=3.0, **kw)

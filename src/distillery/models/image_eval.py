@@ -1,9 +1,12 @@
 """Image quality without Inception or CLIP weights: a feature network trained on the real data.
 
-Frechet distance is computed in that network's penultimate feature space (the FID recipe with a
-domain feature extractor) and conditional accuracy asks the same network whether a generated image
-shows the class its prompt named. A user who has CLIP weights on disk passes them as `clip_path` for an
-additional Frechet distance in CLIP space.
+Frechet distance (FD) and kernel distance (KID) come from torchmetrics' FID and KID with that network's
+penultimate layer as their feature extractor (the FID recipe with a domain feature extractor); conditional
+accuracy asks the same network whether a generated image shows the class its prompt named. Both headline numbers
+carry a bootstrap 95% confidence interval, so a gate can tell a real difference from sampling noise. The
+hand-written `frechet_distance` stays only for the bootstrap (hundreds of resamples of features already
+computed), and a test shows it equals torchmetrics' FID. A user who has CLIP weights on disk passes them as
+`clip_path`: the same code path gives a Frechet distance in CLIP space.
 """
 
 from __future__ import annotations
@@ -126,6 +129,55 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return max(d, 0.0)  # rounding can leave a tiny negative for identical sets
 
 
+class _Extractor(nn.Module):
+    """torchmetrics' FID/KID call their feature extractor on the image tensors given to `update`; this hands
+    our uint8 (N, 3, H, W) tensors to an object with `.features(uint8 NHWC array)` (FeatureNet, ClipFeatures)."""
+
+    def __init__(self, source, probe: np.ndarray):
+        super().__init__()
+        self.source = source
+        self.num_features = int(source.features(probe[:1]).shape[1])
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.source.features(imgs.permute(0, 2, 3, 1).numpy())))
+
+
+def distribution_metrics(source, generated: np.ndarray, real: np.ndarray, seed: int = 0) -> dict:
+    """FD and KID (mean and std over subsets) between generated and real uint8 (N, H, W, 3) images in the
+    feature space of `source`, by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    generated, real = np.asarray(generated), np.asarray(real)
+    if len(generated) < 2 or len(real) < 2:
+        raise ValueError(f"Frechet distance needs at least 2 samples per set, got {len(generated)} and {len(real)}; "
+                         f"generate or hold out more images")
+    extractor = _Extractor(source, real)
+    subset = min(1000, len(generated), len(real))
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=subset, reset_real_features=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # KID draws its subsets from torch's global generator
+        for images, real_flag in ((real, True), (generated, False)):
+            x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+            fid.update(x, real=real_flag)
+            kid.update(x, real=real_flag)
+        kid_mean, kid_std = kid.compute()
+        fd = float(fid.compute())
+    if not np.isfinite(fd):
+        raise ValueError("Frechet distance is not finite; the images or the feature network are broken")
+    return {"fd": max(fd, 0.0), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def bootstrap_ci(statistic, *samples: np.ndarray, rounds: int = 200, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(*samples)`: each sample set is resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)) for _ in range(rounds)]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def make_grid(images, nrow: int = 8, pad: int = 2):
     """uint8 HxWx3 images -> one PIL grid."""
     from PIL import Image
@@ -191,19 +243,23 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
 
 def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_class: int, steps: int,
                            guidance_scale: float, seed: int = 0, clip_path: str | Path | None = None,
-                           grid_per_class: int = 8) -> dict:
+                           grid_per_class: int = 8, latency_probes: int = 3) -> dict:
     """Generate `num_per_class` images for every class prompt with fixed seeds and compare them with the
-    held-out real images: Frechet distance in the feature network's space (`fd`; also `fd_clip` when a CLIP
-    vision model is given), conditional accuracy (does the feature network see the prompted class),
-    latency per image and UNet evaluations per image (counted, so guidance shows as 2 per step)."""
+    held-out real images: Frechet and kernel distance in the feature network's space (`fd`, `kid`; also
+    `fd_clip` when a CLIP vision model is given) with a bootstrap 95% interval for FD (`fd_ci_low/high`),
+    conditional accuracy (does the feature network see the prompted class) with its interval, and UNet
+    evaluations per image (counted, so guidance shows as 2 per step). Latency is reported twice, because the
+    two answer different questions: `latency_s` is one image at batch 1 (median of `latency_probes` calls: what a
+    user of the endpoint waits), `latency_batch_s` the per-image share of the batched generation (throughput)."""
     prompts = list(holdout.class_prompts)
     if not prompts:
         raise ValueError("the dataset has no class_prompts; evaluation needs one prompt per class")
     if feature_net.config["num_classes"] != len(prompts):
         raise ValueError(f"the feature network knows {feature_net.config['num_classes']} classes but the dataset "
                          f"has {len(prompts)} class prompts; train the feature network on this dataset")
-    if num_per_class < 1 or steps < 1:
-        raise ValueError(f"num_per_class and steps must be >= 1, got {num_per_class} and {steps}")
+    if num_per_class < 1 or steps < 1 or latency_probes < 1:
+        raise ValueError(f"num_per_class, steps and latency_probes must be >= 1, got {num_per_class}, {steps} and "
+                         f"{latency_probes}")
     if num_per_class * len(prompts) < 2 or len(holdout.images) < 2:
         raise ValueError(f"Frechet distance needs at least 2 generated and 2 held-out images, got "
                          f"{num_per_class * len(prompts)} and {len(holdout.images)}; raise num_per_class or the "
@@ -223,17 +279,27 @@ def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_cl
     finally:
         hook.remove()
     images = np.concatenate(generated)
+    single = []
+    for i in range(latency_probes):
+        t = time.perf_counter()
+        generate(pipe, [prompts[i % len(prompts)]], [seed + i], steps=steps, guidance_scale=guidance_scale)
+        single.append(time.perf_counter() - t)
+
     wanted = np.repeat(np.arange(len(prompts)), num_per_class)
-    predicted = feature_net.predict(images)
+    correct = (feature_net.predict(images) == wanted).astype(np.float64)
+    fake, real = feature_net.features(images), feature_net.features(holdout.images)
     result = {
-        "fd": frechet_distance(feature_net.features(images), feature_net.features(holdout.images)),
-        "cond_acc": float((predicted == wanted).mean()),
-        "latency_s": seconds / len(images),
+        **distribution_metrics(feature_net, images, holdout.images, seed=seed),
+        "cond_acc": float(correct.mean()),
+        "latency_s": float(np.median(single)),
+        "latency_batch_s": seconds / len(images),
         "unet_evals_per_image": float(sum(rows)) / len(images),
         "num_generated": float(len(images)),
     }
+    result["fd_ci_low"], result["fd_ci_high"] = bootstrap_ci(frechet_distance, fake, real, seed=seed)
+    result["cond_acc_ci_low"], result["cond_acc_ci_high"] = bootstrap_ci(np.mean, correct, seed=seed)
     if clip is not None:
-        result["fd_clip"] = frechet_distance(clip.features(images), clip.features(holdout.images))
+        result["fd_clip"] = distribution_metrics(clip, images, holdout.images, seed=seed)["fd"]
     k = min(grid_per_class, num_per_class)
     result["grid"] = make_grid([images[c * num_per_class + i] for c in range(len(prompts)) for i in range(k)], nrow=k)
     return result
