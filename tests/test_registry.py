@@ -112,13 +112,26 @@ def test_gate_checks_thresholds_and_the_champion():
     ok, reasons = gate({"fd": 12.0, "cond_acc": 0.4}, th, {}, dirs)
     assert not ok and reasons == ["fd=12 is above the maximum 10", "cond_acc=0.4 is below the minimum 0.5"]
     ok, reasons = gate({"fd": 6.0, "cond_acc": 0.9}, th, {"fd": 5.0, "cond_acc": 0.1}, dirs)
-    assert not ok and reasons == ["fd=6 is worse than the champion's 5 (lower is better)"]
+    assert not ok and reasons == ["fd=6 is worse than the champion's 5 beyond the noise tolerance 0 (lower is better)"]
     ok, reasons = gate({"fd": float("nan"), "cond_acc": 0.9}, th, {}, dirs)
     assert not ok and reasons[0].startswith("fd missing or not a finite number")
     # the primary metric may be one to maximize
     ok, reasons = gate({"acc": 0.5}, {}, {"acc": 0.6}, {"acc": "max"})
     assert not ok and "higher is better" in reasons[0]
     assert gate({}, {}, {"acc": 0.6}, {"acc": "max"})[0] is False  # cannot compare: fails
+    # A challenger inside the noise of the two measurements passes; beyond it, it does not.
+    noisy = {"fd": 6.0, "fd_ci_low": 4.0, "fd_ci_high": 8.0, "cond_acc": 0.9}  # half-width 2
+    champ = {"fd": 5.0, "fd_ci_low": 3.5, "fd_ci_high": 6.5}  # half-width 1.5: tolerance 2.5
+    assert gate(noisy, th, champ, dirs) == (True, [])
+    ok, reasons = gate({**noisy, "fd": 7.6}, th, champ, dirs)
+    assert not ok and "beyond the noise tolerance 2.5" in reasons[0]
+    # Metrics from different evaluators are never compared, whichever way the numbers go.
+    ok, reasons = gate({"fd": 1.0, "cond_acc": 0.9, "evaluator_version": 2}, th,
+                       {"fd": 5.0, "evaluator_version": 1}, dirs)
+    assert not ok and "evaluator version 2, the champion by 1" in reasons[0]
+    assert gate({"fd": 1.0, "cond_acc": 0.9, "evaluator_version": 2}, th, {"fd": 5.0}, dirs)[0] is False
+    assert gate({"fd": 4.0, "cond_acc": 0.9, "evaluator_version": 2}, th,
+                {"fd": 5.0, "evaluator_version": 2}, dirs) == (True, [])
     with pytest.raises(ValueError, match="must be \\('max' or 'min', number\\)"):
         gate({"fd": 1.0}, {"fd": ("below", 2.0)}, {}, dirs)
     with pytest.raises(ValueError, match="directions must be"):

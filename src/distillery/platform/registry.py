@@ -182,9 +182,21 @@ def list_models() -> list[dict]:
     return out
 
 
+def noise_tolerance(metrics: dict, champion_metrics: dict, metric: str) -> float:
+    """How far apart two values of `metric` may be by sampling noise alone: the half-widths of both runs' 95%
+    intervals (`METRIC_ci_low` / `METRIC_ci_high`) added in quadrature; 0 when neither run reported one."""
+    def half_width(m: dict) -> float:
+        lo, hi = m.get(f"{metric}_ci_low"), m.get(f"{metric}_ci_high")
+        return (hi - lo) / 2 if _number(lo) and _number(hi) and hi >= lo else 0.0
+
+    return math.hypot(half_width(metrics), half_width(champion_metrics))
+
+
 def gate(metrics: dict, thresholds: dict, champion_metrics: dict, directions: dict) -> tuple[bool, list[str]]:
     """Every threshold must hold (`{"fd": ("max", 50.0)}`) and the candidate must not be worse than the champion
-    on the primary metric (the first of `directions`, e.g. `{"fd": "min"}`). Returns (passed, reasons)."""
+    on the primary metric (the first of `directions`, e.g. `{"fd": "min"}`) beyond the noise of the two
+    measurements (`noise_tolerance`). Runs scored by different evaluators (`evaluator_version`) are never
+    compared. Returns (passed, reasons)."""
     reasons = []
     for metric, spec in thresholds.items():
         if not isinstance(spec, (tuple, list)) or len(spec) != 2 or spec[0] not in ("max", "min") or not _number(spec[1]):
@@ -200,14 +212,21 @@ def gate(metrics: dict, thresholds: dict, champion_metrics: dict, directions: di
     bad = {k: v for k, v in directions.items() if v not in ("min", "max")}
     if bad:
         raise ValueError(f"directions must be 'min' (lower is better) or 'max', got {bad}")
-    if directions:
+    if directions and champion_metrics:
+        ours_ev, theirs_ev = metrics.get("evaluator_version"), champion_metrics.get("evaluator_version")
+        if (ours_ev is not None or theirs_ev is not None) and ours_ev != theirs_ev:
+            reasons.append(f"the candidate was scored by evaluator version {ours_ev}, the champion by {theirs_ev}: "
+                           f"their metrics are not comparable. Re-evaluate the champion with the same evaluator, or "
+                           f"promote by hand (`distillery models promote`) after comparing them yourself")
+            return False, reasons
         primary, direction = next(iter(directions.items()))
         ours, theirs = metrics.get(primary), champion_metrics.get(primary)
         if _number(theirs):
+            tol = noise_tolerance(metrics, champion_metrics, primary)
             if not _number(ours):
                 reasons.append(f"{primary} missing or not a finite number ({ours!r}): cannot compare with the "
                                f"champion's {theirs:.4g}")
-            elif (ours > theirs) if direction == "min" else (ours < theirs):
-                reasons.append(f"{primary}={ours:.4g} is worse than the champion's {theirs:.4g} "
-                               f"({'lower' if direction == 'min' else 'higher'} is better)")
+            elif (ours > theirs + tol) if direction == "min" else (ours < theirs - tol):
+                reasons.append(f"{primary}={ours:.4g} is worse than the champion's {theirs:.4g} beyond the noise "
+                               f"tolerance {tol:.3g} ({'lower' if direction == 'min' else 'higher'} is better)")
     return not reasons, reasons
