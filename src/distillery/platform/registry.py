@@ -65,16 +65,25 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def champion(name: str):
-    """The champion's ModelVersion, or None when the model or the alias does not exist yet."""
+def by_alias(name: str, alias: str):
+    """The ModelVersion an alias points at, or None when the model or the alias does not exist yet."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client().get_model_version_by_alias(name, CHAMPION)
+        return client().get_model_version_by_alias(name, alias)
     except MlflowException as e:
         if _error_code(e) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def champion(name: str):
+    """The champion's ModelVersion, or None when the model or the alias does not exist yet."""
+    return by_alias(name, CHAMPION)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
 
 
 def champion_metrics(name: str) -> dict[str, float]:
@@ -182,6 +191,10 @@ def list_models() -> list[dict]:
     return out
 
 
+# Metrics that name the evaluator (the versioned feature network) that scored a run; see steps.evaluator_identity.
+EVALUATOR_KEYS = ("evaluator_key", "evaluator_version")
+
+
 def noise_tolerance(metrics: dict, champion_metrics: dict, metric: str) -> float:
     """How far apart two values of `metric` may be by sampling noise alone: the half-widths of both runs' 95%
     intervals (`METRIC_ci_low` / `METRIC_ci_high`) added in quadrature; 0 when neither run reported one."""
@@ -214,7 +227,7 @@ def gate(metrics: dict, thresholds: dict, champion_metrics: dict, directions: di
         raise ValueError(f"directions must be 'min' (lower is better) or 'max', got {bad}")
     if directions and champion_metrics:
         ours_ev, theirs_ev = metrics.get("evaluator_version"), champion_metrics.get("evaluator_version")
-        if (ours_ev is not None or theirs_ev is not None) and ours_ev != theirs_ev:
+        if any(metrics.get(k) != champion_metrics.get(k) for k in EVALUATOR_KEYS):
             reasons.append(f"the candidate was scored by evaluator version {ours_ev}, the champion by {theirs_ev}: "
                            f"their metrics are not comparable. Re-evaluate the champion with the same evaluator, or "
                            f"promote by hand (`distillery models promote`) after comparing them yourself")

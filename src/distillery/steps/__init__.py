@@ -10,11 +10,18 @@ from pathlib import Path
 from distillery.settings import get_settings
 
 
+EVALUATOR_FILE = "evaluator.json"  # beside the feature network: which registered evaluator it is
+
+
+def checkpoint_key(**key) -> str:
+    """A short stable digest of a step's inputs and parameters."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def checkpoint_dir(step: str, **key) -> Path:
     """A stable folder for a training step's checkpoints: the same step with the same inputs and parameters,
     started again after an interruption, finds its last checkpoint here and resumes."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = get_settings().home_abs / "checkpoints" / f"{step}-{digest}"
+    path = get_settings().home_abs / "checkpoints" / f"{step}-{checkpoint_key(**key)}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -38,3 +45,13 @@ def dir_hash(path: Path) -> str:
     from distillery.platform.storage import sha256_file
 
     return ",".join(sha256_file(p)[:12] for p in sorted(Path(path).rglob("*")) if p.is_file())
+
+
+def evaluator_identity(feature_net_dir: str) -> dict:
+    """Which registered evaluator scores this step: tagged on its run (`evaluator`) and returned as metrics
+    (`evaluator_version`, and `evaluator_key`, the number the gate compares: equal keys mean the same network)."""
+    import mlflow
+
+    info = json.loads((Path(feature_net_dir) / EVALUATOR_FILE).read_text())
+    mlflow.set_tag("evaluator", f"{info['name']} v{info['version']} ({info['alias']})")
+    return {"evaluator_version": float(info["version"]), "evaluator_key": float(int(info["key"][:12], 16))}

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir, dir_hash, load_dataset, log_metrics
+from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
 
 SEARCH_SPACE = ("noise_strength", "adv_weight", "lr")
 
@@ -109,6 +109,5 @@ def evaluate(*, teacher_dir: str, students: dict, dataset_dir: str, feature_net_
     table = ev.markdown(rows)
     Path(table_path).write_text("# SCott evaluation\n\n" + table)
     mlflow.log_text(table, "evaluation_table.md")
-    metrics = {f"{ev.row_key(r['model'], r['steps'])}_{m}": r[m] for r in rows
-               for m in ("fd", "cond_acc", "latency_s", "unet_evals_per_image")}
-    return {**metrics, **ev.headline(rows, candidate)}
+    metrics = {f"{ev.row_key(r['model'], r['steps'])}_{m}": r[m] for r in rows for m in ev.ROW_METRICS}
+    return {**metrics, **ev.headline(rows, candidate), **evaluator_identity(feature_net_dir)}

@@ -5,19 +5,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir, dir_hash, load_dataset, log_metrics
+import json
+import shutil
+import tempfile
+
+from distillery.steps import (EVALUATOR_FILE, checkpoint_dir, checkpoint_key, dir_hash, evaluator_identity,
+                              load_dataset, log_metrics)
 
 
 def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) -> dict:
-    """A classifier trained on the real images; its penultimate layer is the evaluation feature space."""
+    """The evaluator: a classifier trained on the real images, whose penultimate layer is the feature space of
+    FD and KID. It is a versioned artifact, registered once per dataset revision as `evaluator-<sources>-<res>px`
+    with the alias `rev-<key>` (key: the data's content hash and the training parameters); a later run on the same
+    data downloads that version instead of training another, so every run's FD is measured in the same space."""
+    import mlflow
+
     from distillery.models import image_eval
+    from distillery.platform import registry
 
     ds = load_dataset(dataset_dir)
     train, hold = ds.train(), ds.holdout()
-    net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
-    net.save(Path(out_dir))
+    name = f"evaluator-{'-'.join(ds.manifest['sources'])}-{ds.manifest['resolution']}px"
+    key = checkpoint_key(data=ds.manifest["content_sha256"], steps=steps, seed=seed, net=image_eval.FeatureNet.__name__)
+    alias, out = f"rev-{key}", Path(out_dir)
+    existing = registry.by_alias(name, alias)
+    if existing is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(registry.download(name, alias, dst=Path(tmp)), out, dirs_exist_ok=True)
+        net, version = image_eval.FeatureNet.load(out), str(existing.version)
+    else:
+        net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
+        net.save(out)
+        version = registry.register_dir(name, out, mlflow.active_run().info.run_id,
+                                        tags={"data_sha256": ds.manifest["content_sha256"], "steps": steps, "seed": seed})
+        registry.set_alias(name, alias, version)
+    (out / EVALUATOR_FILE).write_text(json.dumps({"name": name, "version": version, "key": key, "alias": alias}))
     acc = float((net.predict(hold.images) == hold.labels).mean())
-    return {"feature_net_holdout_acc": acc}
+    return {"feature_net_holdout_acc": acc, "evaluator_reused": float(existing is not None),
+            **evaluator_identity(out_dir)}
 
 
 def train_vae(*, dataset_dir: str, out_dir: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
@@ -62,7 +87,7 @@ def evaluate(*, model_dir: str, dataset_dir: str, feature_net_dir: str, num_per_
     result = image_eval.evaluate_text_to_image(pipe, ds.holdout(), net, num_per_class=num_per_class, steps=steps,
                                                guidance_scale=guidance_scale, seed=seed)
     tracking.log_image(result.pop("grid"), "samples.png")
-    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    return {**{k: v for k, v in result.items() if isinstance(v, (int, float))}, **evaluator_identity(feature_net_dir)}
 
 
 def dir_hash(path: Path) -> str:

@@ -8,6 +8,11 @@ from pathlib import Path
 import numpy as np
 
 
+# What each table row reports (intervals are bootstrap 95%; latency_s is one image at batch 1).
+ROW_METRICS = ("fd", "fd_ci_low", "fd_ci_high", "kid", "cond_acc", "cond_acc_ci_low", "cond_acc_ci_high", "latency_s",
+               "latency_batch_s", "unet_evals_per_image")
+
+
 def row_key(model: str, steps: int) -> str:
     """A metric-name prefix (MLflow and KFP both accept it): `scott_adv_2step`."""
     return f"{model.replace('-', '_')}_{steps}step"
@@ -16,7 +21,7 @@ def row_key(model: str, steps: int) -> str:
 def evaluation_table(models: dict[str, tuple[Path, float]], steps: dict[str, list[int]], holdout, feature_net, *,
                      num_per_class: int, seed: int = 0, progress=None) -> tuple[list[dict], dict[str, np.ndarray]]:
     """`models`: name -> (pipeline folder, guidance scale to sample with); `steps`: name -> step counts.
-    Returns the rows (model, steps, fd, cond_acc, latency_s, unet_evals_per_image) and a grid per row."""
+    Returns the rows (model, steps and `ROW_METRICS`) and a grid per row."""
     from diffusers import StableDiffusionPipeline
 
     from distillery.models.image_eval import evaluate_text_to_image
@@ -28,18 +33,21 @@ def evaluation_table(models: dict[str, tuple[Path, float]], steps: dict[str, lis
             result = evaluate_text_to_image(pipe, holdout, feature_net, num_per_class=num_per_class, steps=k,
                                             guidance_scale=guidance, seed=seed)
             grids[row_key(name, k)] = result.pop("grid")
-            rows.append({"model": name, "steps": k, **{m: float(result[m]) for m in
-                                                        ("fd", "cond_acc", "latency_s", "unet_evals_per_image")}})
+            rows.append({"model": name, "steps": k, **{m: float(result[m]) for m in ROW_METRICS}})
             if progress:
                 progress(rows[-1])
     return rows, grids
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | steps | FD ↓ | cond. acc ↑ | latency / image (s) | UNet evals / image |",
+    """The table, with 95% intervals where the rows have them (latency: one image at batch 1)."""
+    def ci(r: dict, m: str, fmt: str) -> str:
+        return f" [{r[m + '_ci_low']:{fmt}}, {r[m + '_ci_high']:{fmt}}]" if m + "_ci_low" in r else ""
+
+    lines = ["| model | steps | FD ↓ [95% CI] | cond. acc ↑ [95% CI] | latency / image (s) | UNet evals / image |",
              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['steps']} | {r['fd']:.2f} | {r['cond_acc']:.3f} | {r['latency_s']:.4f} | "
-              f"{r['unet_evals_per_image']:.0f} |" for r in rows]
+    lines += [f"| {r['model']} | {r['steps']} | {r['fd']:.2f}{ci(r, 'fd', '.2f')} | {r['cond_acc']:.3f}"
+              f"{ci(r, 'cond_acc', '.3f')} | {r['latency_s']:.4f} | {r['unet_evals_per_image']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +93,7 @@ def headline(rows: list[dict], candidate: str, teacher: str = "teacher",
                              f"include them in student_eval_steps / teacher_eval_steps")
     cand, ref = by[(candidate, candidate_steps)], by[(teacher, teacher_steps)]
     out = {"fd": cand["fd"], "cond_acc": cand["cond_acc"], "latency_s": cand["latency_s"],
+           **{k: cand[k] for k in ("fd_ci_low", "fd_ci_high", "cond_acc_ci_low", "cond_acc_ci_high") if k in cand},
            "fd_ratio_vs_teacher": cand["fd"] / max(ref["fd"], 1e-12),
            "unet_eval_reduction": ref["unet_evals_per_image"] / max(cand["unet_evals_per_image"], 1e-12),
            "speedup_vs_teacher": ref["latency_s"] / max(cand["latency_s"], 1e-12)}
