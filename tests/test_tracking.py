@@ -193,3 +193,27 @@ def test_git_commit_is_the_checkout_head():
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert tracking.git_commit() == (head or "unknown")
+
+
+def test_experiments_open_as_model_training_and_runs_show_their_dataset(home):
+    """What the MLflow UI reads: the experiment's kind, and the data revision as a dataset input of the step's run
+    and of its parent (source: the DVC md5 and the content hash)."""
+    import json
+
+    from distillery.platform import tracking
+
+    parent = tracking.start_pipeline_run("ui", {})
+    c = tracking.client()
+    exp = c.get_experiment(tracking.experiment_for("ui"))
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    with tracking.step_run("ui", "data", parent_run_id=parent) as run:
+        tracking.set_data_revision("abc123", "f" * 64, dataset="image-captions-mnist")
+    for rid in (run.info.run_id, parent):
+        inputs = c.get_run(rid).inputs.dataset_inputs
+        assert len(inputs) == 1 and inputs[0].dataset.name == "image-captions-mnist"
+        assert inputs[0].dataset.source_type == "dvc"
+        assert json.loads(inputs[0].dataset.source) == {"dvc_md5": "abc123", "content_sha256": "f" * 64}
+        assert c.get_run(rid).data.tags["data_revision"] == "abc123"
+    c.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "genai_development")
+    tracking.experiment_for("ui")  # an experiment made elsewhere is set right when a pipeline uses it
+    assert c.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -55,6 +55,10 @@ def client():
     return MlflowClient(tracking_uri=s.mlflow_tracking_uri, registry_uri=s.mlflow_registry_uri)
 
 
+# Without it the MLflow UI guesses the experiment's kind and opens ours in its GenAI view (traces, tokens).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_for(pipeline: str) -> str:
     """The experiment `distillery/<pipeline>`, created with artifact root `<artifact_location>/<pipeline>`."""
     from mlflow.entities import LifecycleStage
@@ -68,10 +72,13 @@ def experiment_for(pipeline: str) -> str:
         if exp is not None:
             if exp.lifecycle_stage == LifecycleStage.DELETED:
                 c.restore_experiment(exp.experiment_id)  # a deleted experiment would refuse every new run
+            if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         root = get_settings().mlflow_artifact_location.rstrip("/")
         try:
-            return c.create_experiment(name, artifact_location=f"{root}/{pipeline}", tags={"pipeline": pipeline})
+            return c.create_experiment(name, artifact_location=f"{root}/{pipeline}",
+                                       tags={"pipeline": pipeline, EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
         except Exception:  # noqa: BLE001 - another process created it at the same moment: look again
             time.sleep(0.2)
     raise RuntimeError(f"could not create or find the MLflow experiment {name} in {tracking_uri()}")
@@ -180,9 +187,12 @@ def step_run(pipeline: str, step: str, parent_run_id: str = "", kfp_run_id: str 
             raise
 
 
-def set_data_revision(revision: str, content_hash: str = "", run_id: str | None = None) -> None:
-    """Record the data revision on the step's run and on its parent, so every later step inherits it."""
+def set_data_revision(revision: str, content_hash: str = "", run_id: str | None = None, dataset: str = "") -> None:
+    """Record the data revision on the step's run and on its parent, so every later step inherits it. With a
+    `dataset` name it is also logged on both as an MLflow dataset input (shown in the UI's run pages and
+    comparisons) whose source is the DVC revision and content hash."""
     import mlflow
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     c = client()
     if run_id is None:
@@ -195,6 +205,10 @@ def set_data_revision(revision: str, content_hash: str = "", run_id: str | None 
     for rid in filter(None, (run_id, parent)):
         for k, v in tags.items():
             c.set_tag(rid, k, v)
+        if dataset:
+            source = json.dumps({"dvc_md5": revision, "content_sha256": content_hash})
+            entity = Dataset(name=dataset, digest=(content_hash or revision)[:36], source_type="dvc", source=source)
+            c.log_inputs(rid, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str, float]:

@@ -26,7 +26,8 @@ def prepare_image_captions(*, out_dir: str, sources: str, resolution: int, per_c
                                     data_dir=get_settings().data_dir)
     manifest = json.loads((out / "manifest.json").read_text())
     revision = versioning.data_revision()
-    tracking.set_data_revision(revision.get("md5", "unknown"), manifest.get("content_sha256", ""))
+    tracking.set_data_revision(revision.get("md5", "unknown"), manifest.get("content_sha256", ""),
+                               dataset=f"{manifest.get('name', 'image-captions')}-{'-'.join(manifest.get('sources', []))}")
     ds = load_image_caption_dataset(out)
     first = [int(i) for c in range(len(ds.classes)) for i in (ds.labels == c).nonzero()[0][:4]]
     tracking.log_image(make_grid([ds.images[i] for i in first], nrow=4), "dataset_samples.png")
