@@ -51,6 +51,13 @@ def test_diffusers_folder_round_trip(home, tmp_path):
     run_id = registry.champion("tiny-vae").run_id
     assert {a.path for a in tracking.client().list_artifacts(run_id, "model")} >= {
         "model/config.json", "model/diffusion_pytorch_model.safetensors"}
+    # The run links to what it produced as an MLflow 3 logged model, with the version's metrics on it.
+    c = tracking.client()
+    outputs = c.get_run(run_id).outputs.model_outputs
+    logged = c.get_logged_model(outputs[0].model_id)
+    assert len(outputs) == 1 and logged.name == "tiny-vae" and logged.source_run_id == run_id
+    assert logged.status.name == "READY" and {m.key: m.value for m in logged.metrics} == {"fd": 3.5}
+    assert registry.champion("tiny-vae").tags["logged_model_id"] == logged.model_id
 
 
 def test_aliases_promotion_and_rollback(home, tmp_path):

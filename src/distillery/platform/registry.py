@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from distillery.platform.tracking import client, configure
@@ -31,6 +32,7 @@ def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = No
     """Log `local_dir` under the run's artifacts (`model/`) and register it as a new version aliased `challenger`.
     Returns the version number as a string."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
 
     local_dir = Path(local_dir)
@@ -56,7 +58,20 @@ def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = No
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
     mtags = {**{k: str(v) for k, v in (tags or {}).items()},
              **{f"metric.{k}": repr(float(v)) for k, v in (metrics or {}).items() if _number(v)}}
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=mtags)
+    # An MLflow 3 logged model links the run to what it produced (the run page's "Logged models", the model's
+    # metrics); the weights stay the plain `from_pretrained` folder above, which the version's source names.
+    logged = c.create_logged_model(c.get_run(run_id).info.experiment_id, source_run_id=run_id, name=name,
+                                   tags={"distillery.format": "model-folder", "distillery.source": source})
+    mtags["logged_model_id"] = logged.model_id
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=mtags, model_id=logged.model_id)
+    numbers = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
+    if numbers:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=logged.model_id) for k, v in numbers.items()])
+    c.finalize_logged_model(logged.model_id, "READY")
+    c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
     c.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
 
