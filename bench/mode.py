@@ -30,18 +30,6 @@ from _common import RESULTS, fresh_home, report
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _median_latencies(policies, obs, tasks, repeats: int) -> list[float]:
-    """Median seconds per chunk of each policy, timed in turn within every round so that drifts of the machine
-    (clock, caches, neighbours) fall on all of them alike."""
-    times = [[] for _ in policies]
-    for i in range(repeats):
-        for p, out in zip(policies, times):
-            t = time.perf_counter()
-            p.act(obs, tasks, seed=i)
-            out.append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy-dir", type=Path)
@@ -111,8 +99,8 @@ def main() -> None:
     obs = np.random.default_rng(0).normal(size=(1, cached.cfg.obs_history, cached.cfg.obs_dim)).astype(np.float32)
     tasks = [cached.tasks[0]]
     policies = (cached, eager, plain, dense)
-    _median_latencies(policies, obs, tasks, 5)  # warm-up
-    t_cached, t_eager, t_plain, t_dense = _median_latencies(policies, obs, tasks, opts.repeats)
+    ev.median_latencies(policies, obs, tasks, 5)  # warm-up
+    t_cached, t_eager, t_plain, t_dense = ev.median_latencies(policies, obs, tasks, opts.repeats)
     diff = max(float(np.abs(p.act(obs, tasks, seed=s) - plain.act(obs, tasks, seed=s)).max())
                for s in range(10) for p in (cached, eager))
     rows = [
@@ -126,8 +114,8 @@ def main() -> None:
          sum(p.numel() for p in cached.net.parameters()), ""),
     ]
     if success:
-        rows += [("MT10 success rate: MoDE (cached) vs dense", success["mode_cached_success_rate"],
-                  success["dense_success_rate"], "")]
+        seen = lambda k: success.get(f"{k}_seen_success_rate", success.get(f"{k}_success_rate"))  # older runs
+        rows += [("MT10 success rate: MoDE (cached) vs dense", seen("mode_cached"), seen("dense"), "")]
         extra["per_task"] = {k: v for k, v in success.items() if "_success_" in k}
         if opts.unseen_episodes:
             unseen = {}

@@ -36,7 +36,7 @@ def mode(
     eval_episodes_per_task: int = 5,
     eval_max_steps: int = 500,
     execute: int = 4,
-    gate_thresholds: dict = {"success_rate": ["min", 0.0]},
+    gate_thresholds: dict = {"success_rate": ["min", 0.0], "cached_matches_uncached": ["min", 1.0]},
     model_name: str = "mode",
     gpu: bool = False,
     seed: int = 0,
@@ -62,7 +62,7 @@ def mode(
         eval_episodes_per_task: Closed-loop evaluation episodes per task (fixed seeds).
         eval_max_steps: Step limit of an evaluation episode.
         execute: Actions of each predicted chunk executed before predicting again.
-        gate_thresholds: Gate: metric -> ["max" or "min", bound]; MoDE must also not be worse than the champion's success rate.
+        gate_thresholds: Gate: metric -> ["max" or "min", bound]. success_rate is the served MoDE's on MT10 variations the demonstrations did not cover; cached_matches_uncached (1 = the served expert cache gives uncached MoDE's actions) must hold; MoDE must also not be worse than the champion's success rate.
         model_name: Registered model name.
         gpu: Deploy the predictor with one GPU.
         seed: Random seed of every step.

@@ -38,11 +38,14 @@ def test_smoke_run_trains_evaluates_and_registers_the_cached_policy(smoke):
 
     ev = children["evaluate"].data.metrics
     for name in ("mode_cached", "mode", "dense"):
-        assert 0.0 <= ev[f"{name}_success_rate"] <= 1.0
+        assert 0.0 <= ev[f"{name}_seen_success_rate"] <= 1.0
         assert ev[f"{name}_latency_s"] > 0 and ev[f"{name}_flops_per_chunk"] > 0
         assert {f"{name}_success_{t}" for t in ("reach_v3", "window_close_v3")} <= set(ev)
     assert ev["cached_matches_uncached"] == 1.0
-    assert ev["mode_cached_success_rate"] == ev["mode_success_rate"]  # same actions, same episodes
+    assert ev["mode_cached_seen_success_rate"] == ev["mode_seen_success_rate"]  # same actions, same episodes
+    # The gate looks at the served policy on variations the demonstrations did not cover.
+    assert ev["success_rate"] == ev["mode_cached_unseen_success_rate"] and "dense_unseen_success_rate" in ev
+    assert ev["served_speedup"] == pytest.approx(ev["cache_speedup"] * ev["frozen_speedup"])
     artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
     assert {"evaluation_table.json", "evaluation_table.md", "trajectories"} <= artifacts
     assert len(client.list_artifacts(children["evaluate"].info.run_id, "trajectories")) == 3

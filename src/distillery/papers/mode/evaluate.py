@@ -4,6 +4,9 @@ EGL; without an OpenGL driver the strip is skipped and the reason returned) and 
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import os
 from collections import deque
 
@@ -99,6 +102,22 @@ def evaluate_policy(policy, *, tasks=mt10.TASKS, episodes_per_task: int = 5, see
             progress(task, per_task[task])
     return {"success_rate": float(np.mean(list(per_task.values()))), "per_task": per_task,
             "trajectories": trajectories, "frame_strips": strips, "render_error": render_error}
+
+
+# MT10's variations from another benchmark seed: task instances the demonstrations never showed.
+UNSEEN_BENCHMARK_SEED = 7
+
+
+def median_latencies(policies, obs, tasks, repeats: int) -> list[float]:
+    """Median seconds per chunk of each policy, timed in turn within every round so that drifts of the machine
+    (clock, caches, neighbours) fall on all of them alike."""
+    times = [[] for _ in policies]
+    for i in range(repeats):
+        for p, out in zip(policies, times):
+            t = time.perf_counter()
+            p.act(obs, tasks, seed=i)
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def flops_per_chunk(policy) -> float:
