@@ -10,11 +10,15 @@ from pathlib import Path
 from distillery.settings import get_settings
 
 
-def checkpoint_dir(step: str, **key) -> Path:
+def checkpoint_dir(step: str, **key) -> Path | str:
     """A stable folder for a training step's checkpoints: the same step with the same inputs and parameters,
-    started again after an interruption, finds its last checkpoint here and resumes."""
+    started again after an interruption (in a new pod too, when the settings' checkpoint_root is s3://), finds
+    its last checkpoint here and resumes."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = get_settings().home_abs / "checkpoints" / f"{step}-{digest}"
+    root = get_settings().checkpoint_root
+    if root and root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{step}-{digest}"
+    path = (Path(root).expanduser().resolve() if root else get_settings().home_abs / "checkpoints") / f"{step}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
