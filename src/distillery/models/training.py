@@ -127,10 +127,10 @@ def _set_rng_states(fabric, states: dict, gen: torch.Generator) -> None:
         raise ValueError(f"the checkpoint was written by {states['generator'].shape[0]} processes, this run has "
                          f"{fabric.world_size}; resume with the same DISTILLERY_DEVICES or start a new checkpoint folder")
     rank = fabric.global_rank
-    gen.set_state(states["generator"][rank].to(torch.uint8))
-    torch.set_rng_state(states["torch"][rank].to(torch.uint8))
+    gen.set_state(states["generator"][rank].to(torch.uint8).clone())
+    torch.set_rng_state(states["torch"][rank].to(torch.uint8).clone())
     if "cuda" in states and fabric.device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8), fabric.device)
+        torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8).clone(), fabric.device)
     kind, keys, *rest = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = states["python"]
