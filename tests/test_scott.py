@@ -197,3 +197,26 @@ def test_headline_and_table():
     table = ev.markdown(rows)
     assert table.count("\n") == len(rows) + 2 and "| scott-adv | 2 | 12.00 |" in table
     assert ev.row_key("scott-adv", 2) == "scott_adv_2step"
+
+
+def test_interrupted_distillation_resumes_to_the_uninterrupted_student(teacher_dir, dataset, tmp_path):
+    """Student, EMA target, discriminator, Adam and the sampling generator all come back from the checkpoint."""
+    from safetensors.torch import load_file
+
+    class Stop(Exception):
+        pass
+
+    def stop(_, step):
+        if step == 3:
+            raise Stop
+
+    cfg = scott.DistillConfig(method="scott-adv", steps=4, batch_size=2, adv_weight=0.2)
+    kw = dict(checkpoint_every=2, log_every=1)
+    scott.distill(teacher_dir, dataset, tmp_path / "full", cfg, checkpoint_dir=tmp_path / "ck_full", **kw)
+    with pytest.raises(Stop):
+        scott.distill(teacher_dir, dataset, tmp_path / "resumed", cfg, checkpoint_dir=tmp_path / "ck", on_log=stop, **kw)
+    again = scott.distill(teacher_dir, dataset, tmp_path / "resumed", cfg, checkpoint_dir=tmp_path / "ck", **kw)
+    assert again["resumed_from_step"] == 2
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     namespace: str = Field("distillery", description="Kubernetes namespace for InferenceServices.")
     kube_context: str | None = Field(None, description="kubectl context; when unset no cluster is assumed.")
 
+    accelerator: str = Field("auto", description="Training accelerator: auto (a CUDA GPU when torch sees one, else CPU), cpu or gpu.")
+    devices: int = Field(1, description="Training processes in one pod (GPUs, or CPU processes); more than 1 trains with DDP.")
+    strategy: str = Field("auto", description="Lightning strategy; auto is ddp when devices > 1 (gloo on CPU, NCCL on GPUs).")
+    precision: str = Field("auto", description="Lightning precision; auto is bf16-mixed on GPUs with bf16, else 32-true. fp16 is refused.")
+    cpu_threads: int | None = Field(None, description="torch CPU threads when training on CPU; default torch's choice.")
+    checkpoint_root: str | None = Field(None, description="Where training steps keep their resumable checkpoints (path or s3://bucket/prefix); default a folder under home.")
+
     parent_run_id: str | None = Field(None, description="MLflow parent run of the pipeline run in progress (set by `distillery run`).")
 
     serve_host: str = Field("127.0.0.1", description="Local serving binds here only.")

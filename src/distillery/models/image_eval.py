@@ -85,23 +85,26 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, num_classes: int, 
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    from distillery.models.training import single_process_fabric
+
+    fabric = single_process_fabric("feature network training")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = FeatureNet(num_classes)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    model, opt = fabric.setup(net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt.optimizer, max_lr=lr, total_steps=steps)
     x_all, y_all = to_tensor(images), torch.from_numpy(np.asarray(labels)).long()
-    net.train()
+    model.train()
     for _ in range(steps):
         idx = torch.randint(len(x_all), (batch_size,), generator=gen)
         dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-        x = torch.roll(x_all[idx], shifts=(dx, dy), dims=(2, 3))
-        loss = F.cross_entropy(net(x), y_all[idx])
+        x, y = fabric.to_device((torch.roll(x_all[idx], shifts=(dx, dy), dims=(2, 3)), y_all[idx]))
+        loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         opt.step()
         sched.step()
-    return net.eval()
+    return net.cpu().float().eval()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

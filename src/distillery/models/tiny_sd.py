@@ -2,8 +2,9 @@
 UNet2DConditionModel trained here and the frozen MiniLM text encoder. Because it is the standard
 pipeline, schedulers, LoRA, ControlNet and a real SD-1.5 checkpoint plug in unchanged.
 
-Training loops are plain PyTorch and resumable (distillery.models.training): started again with the same
-checkpoint folder after an interruption, a loop ends with the weights an uninterrupted run would have.
+Training runs on Lightning Fabric (distillery.models.training: devices, precision, DDP from the settings) and
+resumes: started again with the same checkpoint folder after an interruption, a loop ends with the weights an
+uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillery.models.training import LogFn, resumable_loop
+from distillery.models.training import LogFn, make_fabric, resumable_loop
 
 
 @dataclass(frozen=True)
@@ -158,25 +159,28 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
     """Reconstruction (L1 + MSE) plus a small KL term; the latents' scale is recorded as `scaling_factor`."""
     _check_training_args(dataset, cfg, steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                          log_every=log_every, captions=False)
+    fabric = make_fabric()
     torch.manual_seed(seed)
     vae = build_vae(cfg)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
+    objective, opt = fabric.setup(_VAEObjective(vae, kl_weight), torch.optim.AdamW(vae.parameters(), lr=lr,
+                                                                                   weight_decay=0.0))
+    gen = torch.Generator().manual_seed(seed + fabric.global_rank)  # each rank its own batches
     x_all = to_tensor(dataset.images)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def step_fn(_: int) -> dict:
         x = x_all[torch.randint(len(x_all), (batch_size,), generator=gen)]
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        eps = torch.randn((batch_size, cfg.latent_channels, x.shape[2] // down, x.shape[3] // down), generator=gen)
+        loss = objective(fabric.to_device(x), fabric.to_device(eps))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = resumable_loop("vae", vae, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
-                    dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, kl_weight=kl_weight, seed=seed))
+    metrics = resumable_loop("vae", objective, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log,
+                             log_every, dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                                             seed=seed), fabric=fabric)
+    vae = vae.cpu().float()
     with torch.no_grad():
         sample = x_all[:256]
         post = vae.encode(sample).latent_dist
@@ -184,10 +188,25 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
         metrics["vae_recon_mse"] = float(F.mse_loss(vae.decode(post.mean).sample, sample))
     vae.register_to_config(scaling_factor=scale)
     metrics["vae_scaling_factor"] = scale
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(out_dir)
-    (Path(out_dir) / "tiny_sd_config.json").write_text(json.dumps(asdict(cfg)))
+    if fabric.is_global_zero:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(out_dir)
+        (Path(out_dir) / "tiny_sd_config.json").write_text(json.dumps(asdict(cfg)))
+    fabric.barrier()
     return metrics
+
+
+class _VAEObjective(torch.nn.Module):
+    """The VAE's training loss as one forward, so DDP sees encoder and decoder in a single call."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.mean + post.std * eps).sample
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + self.kl_weight * post.kl().mean()
 
 
 @torch.no_grad()
@@ -228,10 +247,11 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
     cap_idx = torch.tensor([index[c] for c in dataset.captions])
     empty = index[""]
 
+    fabric = make_fabric()
     unet = build_unet(cfg)
     noise_sched = train_scheduler(cfg)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(seed)
+    model, opt = fabric.setup(unet, torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2))
+    gen = torch.Generator().manual_seed(seed + fabric.global_rank)  # each rank its own batches
 
     def step_fn(_: int) -> dict:
         idx = torch.randint(len(mean), (batch_size,), generator=gen)
@@ -240,19 +260,21 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
         drop = torch.rand(batch_size, generator=gen) < cond_dropout
         cond = embeddings[torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])]
-        pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        z_t, t, cond, noise = fabric.to_device((noise_sched.add_noise(z0, noise, t), t, cond, noise))
+        loss = F.mse_loss(model(z_t, t, encoder_hidden_states=cond).sample.float(), noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, opt, max_norm=1.0)
         opt.step()
         return {"loss": loss.item()}
 
-    metrics = resumable_loop("unet", unet, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log, log_every,
-                    dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, cond_dropout=cond_dropout, seed=seed,
-                         vae_scaling_factor=vae.config.scaling_factor))
-    pipe = assemble(vae, unet, cfg)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
-                                                                "max_steps": 100, "resolution": cfg.resolution}))
+    metrics = resumable_loop("unet", model, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log,
+                             log_every, dict(cfg=asdict(cfg), batch_size=batch_size, lr=lr, cond_dropout=cond_dropout,
+                                             seed=seed, vae_scaling_factor=vae.config.scaling_factor), fabric=fabric)
+    if fabric.is_global_zero:
+        pipe = assemble(vae, unet.cpu().float(), cfg)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
+                                                                    "max_steps": 100, "resolution": cfg.resolution}))
+    fabric.barrier()
     return metrics

@@ -18,10 +18,15 @@ def checkpoint_key(**key) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def checkpoint_dir(step: str, **key) -> Path:
+def checkpoint_dir(step: str, **key) -> Path | str:
     """A stable folder for a training step's checkpoints: the same step with the same inputs and parameters,
-    started again after an interruption, finds its last checkpoint here and resumes."""
-    path = get_settings().home_abs / "checkpoints" / f"{step}-{checkpoint_key(**key)}"
+    started again after an interruption (in a new pod too, when the settings' checkpoint_root is s3://), finds
+    its last checkpoint here and resumes."""
+    name = f"{step}-{checkpoint_key(**key)}"
+    root = get_settings().checkpoint_root
+    if root and root.startswith("s3://"):
+        return f"{root.rstrip('/')}/{name}"
+    path = (Path(root).expanduser().resolve() if root else get_settings().home_abs / "checkpoints") / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

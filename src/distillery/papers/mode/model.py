@@ -181,8 +181,9 @@ def edm_loss(policy: MoDEPolicy, actions: torch.Tensor, obs: torch.Tensor, goal:
              aux_weight: float = 0.01) -> tuple[torch.Tensor, dict]:
     """EDM denoising loss with log-normal noise levels, plus the routers' load-balancing loss."""
     sd = policy.cfg.sigma_data
-    sigma = (torch.randn(actions.shape[0], generator=generator) * p_std + p_mean).exp()
-    noisy = actions + sigma.view(-1, 1, 1) * torch.randn(actions.shape, generator=generator)
+    # Drawn on the generator's device (CPU) and then moved, so a run samples the same noise on any accelerator.
+    sigma = (torch.randn(actions.shape[0], generator=generator) * p_std + p_mean).exp().to(actions.device)
+    noisy = actions + sigma.view(-1, 1, 1) * torch.randn(actions.shape, generator=generator).to(actions.device)
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
     denoise = ((policy.denoise(noisy, sigma, obs, goal) - actions) ** 2).mean((1, 2))
     mse = (weight * denoise).mean()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillery.models.training import LogFn, resumable_loop
+from distillery.models.training import LogFn, resumable_loop, single_process_fabric
 from distillery.papers.mode.model import (ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, freeze_sampler, karras_sigmas,
                                           sample)
 
@@ -52,27 +52,31 @@ def train_policy(demos, out_dir: Path, cfg: MoDEConfig, *, steps: int, batch_siz
     obs_t = torch.from_numpy((obs - mean) / std).float()
     act_t, task_t = torch.from_numpy(act).float(), torch.from_numpy(task).long()
 
+    fabric = single_process_fabric("MoDE policy training")
     torch.manual_seed(seed)
     policy = MoDEPolicy(cfg)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-4)
+    model, opt = fabric.setup(policy, torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-4))
+    model.mark_forward_method("denoise")
     gen = torch.Generator().manual_seed(seed)
     extra = {}
 
     def step_fn(_: int) -> dict:
         idx = torch.randint(len(obs_t), (batch_size,), generator=gen)
-        loss, logs = edm_loss(policy, act_t[idx], obs_t[idx], goals[task_t[idx]], generator=gen,
-                              aux_weight=aux_weight)
+        batch = fabric.to_device((act_t[idx], obs_t[idx], goals[task_t[idx]]))
+        loss, logs = edm_loss(model, *batch, generator=gen, aux_weight=aux_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, opt, max_norm=1.0)
         opt.step()
         extra.update(logs)
         return {"loss": loss.item()}
 
     name = "dense" if cfg.dense else "mode"
-    metrics = resumable_loop(name, policy, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log,
+    metrics = resumable_loop(name, model, opt, steps, checkpoint_dir, checkpoint_every, gen, step_fn, on_log,
                              log_every, dict(cfg=asdict(cfg), steps=steps, batch_size=batch_size, lr=lr,
-                                             aux_weight=aux_weight, seed=seed, data=demos.manifest.get("content_sha256")))
+                                             aux_weight=aux_weight, seed=seed, data=demos.manifest.get("content_sha256")),
+                             fabric=fabric)
+    policy = policy.cpu().float()
     save_policy(Path(out_dir), policy, sampling_steps=sampling_steps, obs_mean=mean, obs_std=std,
                 tasks=list(demos.tasks), instructions=list(demos.instructions), goals=goals)
     return {**metrics, **{f"{name}_{k}": v for k, v in extra.items()},

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.models import tiny_sd
-from distillery.models.training import resumable_loop
+from distillery.models.training import resumable_loop, single_process_fabric
 
 METHODS = ("cd-ode", "scott", "scott-adv")
 
@@ -128,7 +128,8 @@ def teacher_solve(unet, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, con
         u = t - torch.div((t - s) * i, substeps, rounding_mode="floor")
         v = t - torch.div((t - s) * (i + 1), substeps, rounding_mode="floor")
         eps = guided_eps(unet, x, u, cond, uncond, guidance_scale)
-        noise = torch.randn(x.shape, generator=generator) if noise_strength > 0 else torch.zeros_like(x)
+        # Drawn on the generator's device (CPU) and moved, so a run samples the same noise on any accelerator.
+        noise = torch.randn(x.shape, generator=generator).to(x) if noise_strength > 0 else torch.zeros_like(x)
         x = stochastic_ddim_step(eps, x, _at(alphas_cumprod, u), _at(alphas_cumprod, v), noise_strength, noise)
     return x
 
@@ -231,6 +232,7 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
     if len(captions) != len(images) or not all(isinstance(c, str) and c.strip() for c in captions):
         raise ValueError("distillation needs one non-empty caption per image")
 
+    fabric = single_process_fabric("consistency distillation")
     torch.manual_seed(cfg.seed)
     mean, std = tiny_sd.encode_latents(teacher.vae, images)
     unique, embeddings = tiny_sd.encode_captions(captions, encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
@@ -248,8 +250,10 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
         disc = LatentDiscriminator(teacher_unet.config.in_channels, embeddings.shape[-1])
         parts["discriminator"] = disc
         groups.append({"params": list(disc.parameters()), "lr": cfg.disc_lr, "betas": (0.5, 0.999)})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    ac = sched.alphas_cumprod.float()
+    model, opt = fabric.setup(nn.ModuleDict(parts), torch.optim.AdamW(groups, weight_decay=0.0))
+    student, target, disc = model.student, model.target, getattr(model, "discriminator", None)
+    teacher_unet = fabric.to_device(teacher_unet)
+    ac = fabric.to_device(sched.alphas_cumprod.float())
     grid = torch.arange(1, n_train // cfg.skip + 1) * cfg.skip - 1  # the timesteps LCMScheduler samples at
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -259,11 +263,12 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
         cond = embeddings[cap_idx[idx]]
         t = grid[torch.randint(len(grid), (b,), generator=gen)]
+        z0, cond, t, noise = fabric.to_device((z0, cond, t, torch.randn(z0.shape, generator=gen)))
         s = (t - cfg.skip).clamp(min=0)
         a_t = _at(ac, t)
-        x_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * torch.randn(z0.shape, generator=gen)
+        x_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
         with torch.no_grad():
-            x_s = teacher_solve(teacher_unet, x_t, t, s, cond, empty.expand_as(cond), ac,
+            x_s = teacher_solve(teacher_unet, x_t, t, s, cond, fabric.to_device(empty).expand_as(cond), ac,
                                 guidance_scale=cfg.guidance_scale, noise_strength=cfg.noise_strength,
                                 substeps=cfg.solver_substeps, generator=gen)
             goal = consistency_fn(target, x_s, s, cond, sched, ac)
@@ -273,10 +278,11 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
         opt.zero_grad(set_to_none=True)
         if disc is not None:
             loss = loss + cfg.adv_weight * generator_adversarial_loss(disc(pred, cond, t))
-        loss.backward(inputs=list(student.parameters()))  # the generator loss must not train the discriminator
+        # the generator loss must not train the discriminator
+        fabric.backward(loss, inputs=list(student.parameters()))
         if disc is not None:
             d_loss = discriminator_hinge_loss(disc(z0, cond, t), disc(pred.detach(), cond, t))
-            d_loss.backward(inputs=list(disc.parameters()))
+            fabric.backward(d_loss, inputs=list(disc.parameters()))
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
@@ -285,9 +291,10 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
         return {"loss": loss_cd.item()}
 
     fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images))
-    metrics = resumable_loop(cfg.method, nn.ModuleDict(parts), opt, cfg.steps, checkpoint_dir,
-                                     checkpoint_every, gen, step_fn, on_log, log_every, fingerprint)
-    student.eval().requires_grad_(False)
+    metrics = resumable_loop(cfg.method, model, opt, cfg.steps, checkpoint_dir, checkpoint_every, gen, step_fn,
+                             on_log, log_every, fingerprint, fabric=fabric)
+    student = parts["student"].cpu().float().eval().requires_grad_(False)
+    teacher.unet.cpu()
     out = Path(out_dir)
     student_pipeline(teacher, student, cfg.skip).save_pretrained(out, safe_serialization=True)
     (out / "distillery.json").write_text(json.dumps({

@@ -1,0 +1,136 @@
+"""The Lightning training harness: precision and accelerator resolution, Lightning checkpoints that restore
+model, optimizer, step and random states, the config fingerprint, the logging hook, and DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillery.models import training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_precision_and_accelerator_resolution():
+    assert training.resolve_precision("auto", "cpu") == "32-true"
+    assert training.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    with pytest.raises(ValueError, match="fp16.*bf16-mixed"):
+        training.resolve_precision("16-mixed", "cuda")
+    with pytest.raises(ValueError, match="one of 32-true"):
+        training.resolve_precision("fp32", "cpu")
+    with pytest.raises(ValueError, match="accelerator must be"):
+        training.resolve_accelerator("tpu-please")
+    if not torch.cuda.is_available():
+        assert training.resolve_accelerator("auto") == "cpu"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            training.resolve_accelerator("gpu")
+
+
+def test_bad_settings_are_refused_before_training(home, monkeypatch):
+    from distillery.settings import get_settings
+
+    monkeypatch.setenv("DISTILLERY_PRECISION", "16-mixed")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match="fp16"):
+        training.make_fabric()
+    monkeypatch.setenv("DISTILLERY_PRECISION", "auto")
+    monkeypatch.setenv("DISTILLERY_DEVICES", "0")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match="devices must be >= 1"):
+        training.make_fabric()
+
+
+def _run(ckpt, steps=6, every=2, on_log=None, seed=0, lr=0.1):
+    """A loop that uses everything a checkpoint must restore: the weights, Adam's moments, the loop's generator
+    and the global torch RNG (dropout)."""
+    fabric = training.make_fabric()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    model, opt = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=lr))
+    gen = torch.Generator().manual_seed(seed)
+
+    def step_fn(_):
+        x = torch.randn(16, 4, generator=gen)
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        opt.zero_grad()
+        fabric.backward(loss)
+        opt.step()
+        return {"loss": loss.item()}
+
+    metrics = training.resumable_loop("toy", model, opt, steps, ckpt, every, gen, step_fn, on_log, 1,
+                                      {"seed": seed, "lr": lr}, fabric=fabric)
+    return net, metrics
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_ends_with_the_uninterrupted_weights_and_metrics_reach_the_hook(tmp_path):
+    logged = []
+    full, m = _run(tmp_path / "full", on_log=lambda d, s: logged.append((s, d)))
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6] and set(logged[0][1]) == {"toy_loss"}
+    assert m["toy_final_loss"] == pytest.approx(logged[-1][1]["toy_loss"])
+    assert (tmp_path / "full" / "last.ckpt").exists()
+
+    def stop(_, step):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "ck", on_log=stop)
+    torch.manual_seed(123)  # another process's global RNG: the checkpoint must restore it
+    resumed, m2 = _run(tmp_path / "ck")
+    assert m2["resumed_from_step"] == 4
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # Same seed, same metrics.
+    again, m3 = _run(tmp_path / "again")
+    assert m3["toy_final_loss"] == m["toy_final_loss"]
+
+    with pytest.raises(ValueError, match="other settings"):
+        _run(tmp_path / "ck", seed=1)
+    with pytest.raises(ValueError, match="past the requested"):
+        _run(tmp_path / "ck", steps=3)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_gives_identical_weights_and_one_writer(tmp_path):
+    """torchrun starts 2 processes (gloo on 127.0.0.1); each samples its own batches, DDP averages the gradients."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    env.update(DISTILLERY_HOME=str(tmp_path / "home"), DISTILLERY_ACCELERATOR="cpu", DISTILLERY_DEVICES="2",
+               DISTILLERY_CPU_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    # 4 steps, then the same folder asked for 6 (resumes at 4), then an uninterrupted 6-step run: one launch.
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={29500 + os.getpid() % 1000}", str(REPO / "tests" / "ddp_train_vae.py"),
+           f"{a}:4", f"{a}:6", f"{b}:6"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def ranks(out: Path, steps: int) -> dict:
+        r0, r1 = [json.loads((out / f"rank{r}-{steps}.json").read_text()) for r in (0, 1)]
+        assert r0["world_size"] == r1["world_size"] == 2
+        assert r0["weights"] == r1["weights"], "the ranks ended with different weights"
+        assert r0["first_batch"] != r1["first_batch"], "the ranks trained on the same batches"
+        assert r0["resumed_from_step"] == r1["resumed_from_step"]
+        return r0
+
+    first, resumed, full = ranks(a, 4), ranks(a, 6), ranks(b, 6)
+    assert (first["resumed_from_step"], resumed["resumed_from_step"], full["resumed_from_step"]) == (0, 4, 0)
+    assert resumed["weights"] == full["weights"], "resumed DDP training did not end with the uninterrupted weights"
+
+    # Only rank 0 logged and wrote the model and the checkpoint.
+    logs = [json.loads(line) for line in (a / "log.jsonl").read_text().splitlines()]
+    assert {entry["rank"] for entry in logs} == {0} and [e["step"] for e in logs] == [2, 4, 6]
+    assert (a / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    assert sorted(p.name for p in (a / "ckpt").iterdir()) == ["last.ckpt"]
