@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     artifact_location: str | None = Field(
         None, description="Default artifact root for new MLflow experiments (path or s3://bucket/prefix)."
     )
+    champions_location: str | None = Field(
+        None, description="Where promote keeps a stable copy of each champion (<here>/<model>/); default "
+                          "s3://<artifact bucket>/champions with an s3:// artifact location, else a folder under home.")
     optuna_storage: str | None = Field(None, description="Optuna RDB storage URL; default sqlite under home.")
     pipeline_root: str | None = Field(None, description="KFP pipeline root; default a folder under home.")
 
@@ -70,6 +73,14 @@ class Settings(BaseSettings):
     @property
     def mlflow_artifact_location(self) -> str:
         return self.artifact_location or str(self.home_abs / "mlartifacts")
+
+    @property
+    def champions_root(self) -> str:
+        if self.champions_location:
+            return self.champions_location.rstrip("/")
+        if self.artifact_location and self.artifact_location.startswith("s3://"):
+            return f"s3://{self.artifact_location[5:].split('/', 1)[0]}/champions"
+        return str(self.home_abs / "champions")
 
     @property
     def optuna_storage_url(self) -> str:
