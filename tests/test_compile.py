@@ -152,3 +152,18 @@ def test_compile_refuses_the_smoke_profile(home, tmp_path):
         r = CliRunner().invoke(app, [*cmd, "--profile", "smoke"])
         assert r.exit_code == 2 and "--profile cpu" in r.output, r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_the_graph_the_local_runner_runs_has_no_retries(compiled, tmp_path):
+    """The local runner honours retry policies: a failing local step must fail at once, not after minutes of
+    backoff. Only the cluster build (compile, submit, schedule) carries them."""
+    from kfp import compiler
+
+    from pipelines import registry
+
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(registry()["tiny-sd"], str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    tasks = list(_container_tasks(spec))
+    assert tasks and not any("retryPolicy" in task for _, task, _ in tasks)
+    assert all("configMapAsEnv" in e for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())

@@ -30,15 +30,13 @@ def run_local(pipeline_func: Callable, arguments: dict[str, Any], *, caching: bo
 
 
 def for_cluster(pipeline_func: Callable, arguments: dict[str, Any] | None = None) -> Callable:
-    """The pipeline as a cluster runs it: with `gpu` true, its graph is rebuilt so the compute steps request an
-    accelerator (a pod's resources are fixed at compile time, not by a run parameter)."""
+    """The pipeline as a cluster runs it, its graph rebuilt with retries on every task and, with `gpu` true,
+    accelerators on the compute steps (a pod's resources are fixed at compile time, not by a run parameter)."""
     from kfp import dsl
 
     from distillery.platform import pods
 
-    if not (arguments or {}).get("gpu"):
-        return pipeline_func
-    with pods.gpu_profile(True):
+    with pods.cluster_build(bool((arguments or {}).get("gpu"))):
         return dsl.pipeline(name=pipeline_func.name, description=pipeline_func.description)(pipeline_func.pipeline_func)
 
 

@@ -59,17 +59,21 @@ COMPUTE_GPU = Resources("4", "8", "16Gi", "48Gi", timeout_s=72 * 60 * 60)
 # retries transient server errors; the step resumes from its checkpoints on the object store.
 RETRIES, BACKOFF, BACKOFF_FACTOR, BACKOFF_MAX = 3, "30s", 2.0, "1800s"
 
-_gpu: contextvars.ContextVar[bool] = contextvars.ContextVar("distillery_pods_gpu", default=False)
+# How the graph being built is meant to run: (for a cluster, gpu). Outside `cluster_build` (the graph built at
+# import, run by the local runner) tasks get no retries: the local runner honours them, and a failing local
+# step would rerun after minutes of backoff.
+_build: contextvars.ContextVar[tuple[bool, bool]] = contextvars.ContextVar("distillery_pods_build",
+                                                                          default=(False, False))
 
 
 @contextlib.contextmanager
-def gpu_profile(enabled: bool) -> Iterator[None]:
-    """Pipelines built inside this context request accelerators on their compute steps."""
-    token = _gpu.set(enabled)
+def cluster_build(gpu: bool) -> Iterator[None]:
+    """Pipelines built inside this context are for a cluster: retries on, accelerators when `gpu`."""
+    token = _build.set((True, gpu))
     try:
         yield
     finally:
-        _gpu.reset(token)
+        _build.reset(token)
 
 
 def step_kind(component_name: str) -> str:
@@ -88,11 +92,11 @@ def configure_pipeline_tasks() -> None:
             configure_task(task)
 
 
-def configure_task(task, gpu: bool | None = None):
+def configure_task(task):
     from kfp import kubernetes
 
     s = get_settings()
-    gpu = _gpu.get() if gpu is None else gpu
+    cluster, gpu = _build.get()
     name = task.component_spec.name
     compute = step_kind(name) == "compute"
     accel = gpu and name in ACCELERATOR_STEPS
@@ -108,7 +112,8 @@ def configure_task(task, gpu: bool | None = None):
     task.set_memory_request(r.memory_request).set_memory_limit(r.memory_limit)
     if accel:
         task.set_accelerator_type(ACCELERATOR).set_accelerator_limit(1)
-    task.set_retry(RETRIES, backoff_duration=BACKOFF, backoff_factor=BACKOFF_FACTOR, backoff_max_duration=BACKOFF_MAX)
+    if cluster:
+        task.set_retry(RETRIES, backoff_duration=BACKOFF, backoff_factor=BACKOFF_FACTOR, backoff_max_duration=BACKOFF_MAX)
     kubernetes.set_timeout(task, r.timeout_s)
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
     return task
