@@ -217,3 +217,22 @@ def test_experiments_open_as_model_training_and_runs_show_their_dataset(home):
     c.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "genai_development")
     tracking.experiment_for("ui")  # an experiment made elsewhere is set right when a pipeline uses it
     assert c.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_images_build_time_lineage_reaches_parent_and_step_runs(home, monkeypatch):
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    digest = "sha256:" + "b" * 64
+    monkeypatch.setenv("DISTILLERY_GIT_COMMIT", "c" * 40)
+    monkeypatch.setenv("DISTILLERY_IMAGE", "registry.example/ml/distillery:1.0")
+    monkeypatch.setenv("DISTILLERY_IMAGE_DIGEST", digest)
+    get_settings.cache_clear()
+    parent = tracking.start_pipeline_run("demo", {})
+    with tracking.step_run("demo", "data", parent_run_id=parent) as run:
+        step = run.info.run_id
+    c = tracking.client()
+    for run_id in (parent, step):
+        tags = c.get_run(run_id).data.tags
+        assert tags["git_commit"] == "c" * 40
+        assert tags["image"] == "registry.example/ml/distillery:1.0" and tags["image_digest"] == digest
