@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".distillery"), description="Folder for all embedded state (git-ignored).")
     data_dir: Path = Field(Path("data"), description="Materialized raw datasets, tracked by data.dvc.")
+    sources_dir: Path | None = Field(
+        None, description="Folder holding the packed offline sources (the emoji npm tarball); default home/npm. "
+                          "The image ships them here, so no step runs npm.")
 
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under home.")
     registry_uri: str | None = Field(None, description="MLflow registry URI; default = tracking URI.")
@@ -32,6 +35,8 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
 
     image: str = Field("distillery:latest", description="The one container image for components and predictors.")
+    git_commit: str | None = Field(None, description="Commit the code was built from (set in the image); default: "
+                                                     "asked of git in a checkout.")
     kfp_host: str | None = Field(None, description="KFP API endpoint for submit/schedule.")
     namespace: str = Field("distillery", description="Kubernetes namespace for InferenceServices.")
     kube_context: str | None = Field(None, description="kubectl context; when unset no cluster is assumed.")
@@ -44,6 +49,10 @@ class Settings(BaseSettings):
     @property
     def home_abs(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def sources_path(self) -> Path:
+        return (self.sources_dir or self.home_abs / "npm").expanduser().resolve()
 
     @property
     def mlflow_tracking_uri(self) -> str:

@@ -79,7 +79,12 @@ def experiment_for(pipeline: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit the code runs from, or "unknown" outside a git checkout (e.g. in the container)."""
+    """The commit the code runs from: the one the image was built from (settings), else git's; "unknown" only
+    outside both."""
+    from distillery.settings import get_settings
+
+    if get_settings().git_commit:
+        return get_settings().git_commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
