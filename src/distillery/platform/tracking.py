@@ -105,7 +105,8 @@ def start_pipeline_run(pipeline: str, params: dict[str, Any], tags: dict[str, st
     c = client()
     run = c.create_run(experiment_for(pipeline), run_name=pipeline,
                        tags={ROLE: "pipeline", "pipeline": pipeline, "kfp_run_id": kfp_run_id,
-                             "git_commit": git_commit(), **{k: str(v) for k, v in (tags or {}).items()}})
+                             "git_commit": git_commit(), "image": get_settings().image,
+                             **{k: str(v) for k, v in (tags or {}).items()}})
     flat = list(_flat(params).items())
     for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
         c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat[i:i + 100]])
@@ -166,7 +167,7 @@ def step_run(pipeline: str, step: str, parent_run_id: str = "", kfp_run_id: str 
     parent = parent_run_id or (_parent_for_kfp_run(pipeline, kfp_run_id) if kfp_run_id else "")
     parent_tags = _run_tags(c, parent) if parent else {}
     all_tags = {ROLE: "step", "pipeline": pipeline, "task": step, "kfp_run_id": kfp_run_id,
-                "git_commit": git_commit()}
+                "git_commit": git_commit(), "image": get_settings().image}
     for inherited in ("data_revision", "data_content_sha256"):
         if inherited in parent_tags:
             all_tags[inherited] = parent_tags[inherited]
