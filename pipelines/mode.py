@@ -14,6 +14,7 @@ from kfp import dsl
 
 from components.common import deploy, gate, register
 from components.mode import collect_demos, evaluate_policies, train_policy, validate_demos
+from distillery.platform.pods import configure_pipeline_tasks
 from pipelines.params import tracking_args
 
 
@@ -36,7 +37,7 @@ def mode(
     eval_episodes_per_task: int = 5,
     eval_max_steps: int = 500,
     execute: int = 4,
-    gate_thresholds: dict = {"success_rate": ["min", 0.0]},
+    gate_thresholds: dict = {"success_rate": ["min", 0.5]},
     model_name: str = "mode",
     gpu: bool = False,
     seed: int = 0,
@@ -86,3 +87,4 @@ def mode(
         version = register(model=moe.outputs["policy"], metrics=evaluation.outputs["metrics"], model_name=model_name,
                            **t).set_caching_options(False)
         deploy(model_name=model_name, version=version.output, kind="policy", gpu=gpu, **t).set_caching_options(False)
+    configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -85,7 +85,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "mode": {
         "smoke": dict(episodes_per_task=2, width=32, depth=2, expert_hidden=64, train_steps=30, batch_size=64,
-                      sampling_steps=4, eval_episodes_per_task=1, eval_max_steps=24),
+                      sampling_steps=4, eval_episodes_per_task=1, eval_max_steps=24,
+                      gate_thresholds={"success_rate": ["min", 0.0]}),
         "cpu": dict(episodes_per_task=50, train_steps=10_000, batch_size=128, lr=5e-4, eval_episodes_per_task=5,
                     gate_thresholds={"success_rate": ["min", 0.5]}),
         "paper": dict(episodes_per_task=100, width=256, depth=8, expert_hidden=512, train_steps=200_000,

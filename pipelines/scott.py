@@ -15,6 +15,7 @@ from kfp.dsl import Model
 from components.common import deploy, gate, register, validate_image_captions
 from components.scott import distill, evaluate_students, select_best, sweep_worker
 from components.tiny_sd import prepare_image_captions, train_feature_net, train_unet, train_vae
+from distillery.platform.pods import configure_pipeline_tasks
 from pipelines.params import tracking_args
 
 
@@ -47,7 +48,7 @@ def scott(
     eval_per_class: int = 8,
     teacher_eval_steps: list = [1, 2, 4, 25, 50],
     student_eval_steps: list = [1, 2, 4],
-    gate_thresholds: dict = {"fd": ["max", 1e9], "fd_ratio_vs_teacher": ["max", 1e9], "cond_acc": ["min", 0.0]},
+    gate_thresholds: dict = {"fd": ["max", 50.0], "fd_ratio_vs_teacher": ["max", 1.5], "cond_acc": ["min", 0.5]},
     model_name: str = "scott",
     gpu: bool = False,
     seed: int = 0,
@@ -136,3 +137,4 @@ def scott(
     with dsl.Else(name="import-teacher"):
         imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False).after(checked)
         distill_and_release(imported.output)
+    configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

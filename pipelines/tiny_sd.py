@@ -19,6 +19,7 @@ from components.tiny_sd import (
     train_unet,
     train_vae,
 )
+from distillery.platform.pods import configure_pipeline_tasks
 from pipelines.params import tracking_args
 
 
@@ -41,7 +42,7 @@ def tiny_sd(
     eval_per_class: int = 8,
     eval_steps: int = 20,
     guidance_scale: float = 3.0,
-    gate_thresholds: dict = {"fd": ["max", 1e9], "cond_acc": ["min", 0.0]},
+    gate_thresholds: dict = {"fd": ["max", 50.0], "cond_acc": ["min", 0.5]},
     model_name: str = "tiny-sd",
     gpu: bool = False,
     seed: int = 0,
@@ -93,3 +94,4 @@ def tiny_sd(
                            **t).set_caching_options(False)
         deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
                **t).set_caching_options(False)
+    configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -52,7 +52,7 @@ def test_submit_without_an_endpoint_says_how_to_set_one(home):
 def test_compile_writes_ir_with_parameter_descriptions_and_profile_defaults(home, tmp_path):
     r = runner.invoke(app, ["compile", "tiny-sd", "--profile", "cpu", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    spec = yaml.safe_load((tmp_path / "tiny-sd.yaml").read_text())
+    spec = next(yaml.safe_load_all((tmp_path / "tiny-sd.yaml").read_text()))  # then the kubernetes platform spec
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert "Frechet" in params["gate_thresholds"]["description"] or "fd" in params["gate_thresholds"]["description"]
     assert params["unet_steps"]["defaultValue"] == 8000  # the cpu profile
@@ -69,14 +69,14 @@ def test_models_commands_explain_missing_models(home):
 
 
 def test_scott_compiles_with_both_teacher_branches_and_validates_its_sweep(home, tmp_path):
-    r = runner.invoke(app, ["compile", "--profile", "smoke", "--out", str(tmp_path)])
+    r = runner.invoke(app, ["compile", "--out", str(tmp_path)])  # default profile: cpu
     assert r.exit_code == 0, r.output
     assert {p.name for p in tmp_path.glob("*.yaml")} >= {"tiny-sd.yaml", "scott.yaml"}
     text = (tmp_path / "scott.yaml").read_text()
-    spec = yaml.safe_load(text)
+    spec = next(yaml.safe_load_all(text))
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert "importer" in text and "parameterIterator" in text  # dsl.importer branch and the sweep's ParallelFor
-    assert params["trials_per_worker"]["defaultValue"] == 1 and "Optuna" in params["trials_per_worker"]["description"]
+    assert params["trials_per_worker"]["defaultValue"] == 3 and "Optuna" in params["trials_per_worker"]["description"]
     assert set(spec["root"]["dag"]["tasks"]) >= {"prepare-image-captions", "train-feature-net", "condition-branches-1"}
     r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0"])
     assert r.exit_code == 2 and "sweep_workers" in r.output and "solver_substeps" in r.output

@@ -102,75 +102,201 @@ def _unknown_keys(data, cls) -> list[str]:
     return out
 
 
-def test_apply_without_a_cluster_writes_the_manifest_and_never_connects(k8s, home, monkeypatch):
+class FakeApiServer:
+    """A tiny Kubernetes API on 127.0.0.1 answering the CustomObjects calls for InferenceServices."""
+
+    def __init__(self, *, exists=False, fail_status=None, ready_after=1):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.exists, self.fail_status, self.ready_after = exists, fail_status, ready_after
+        self.requests, self.gets = [], 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n)) if n else None
+                fake.requests.append((self.command, self.path, self.headers.get("Authorization"),
+                                      self.headers.get("Content-Type"), body))
+                return body
+
+            def do_POST(self):
+                body = self._record()
+                if fake.fail_status:
+                    return self._send(fake.fail_status, {"kind": "Status", "reason": "Forbidden", "code": fake.fail_status})
+                if fake.exists:
+                    return self._send(409, {"kind": "Status", "reason": "AlreadyExists", "code": 409})
+                fake.exists = True
+                self._send(201, body)
+
+            def do_PATCH(self):
+                self._send(200, self._record())
+
+            def do_GET(self):
+                self._record()
+                fake.gets += 1
+                ready = fake.ready_after is not None and fake.gets >= fake.ready_after
+                cond = {"type": "Ready", "status": "True"} if ready else \
+                    {"type": "Ready", "status": "False", "reason": "RevisionMissing", "message": "pulling image"}
+                self._send(200, {"metadata": {"name": "tiny-sd"},
+                                 "status": {"url": "http://tiny-sd.ml.example", "conditions": [cond]}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api_server(monkeypatch, tmp_path):
+    """Starts a FakeApiServer; the pod's ServiceAccount token is loaded by the kubernetes client's own in-cluster
+    loader (its https URL swapped for the fake's http one); no kubeconfig exists."""
     import kubernetes
+    from kubernetes.client import Configuration
+    from kubernetes.config import incluster_config, kube_config
 
-    def boom(*a, **kw):
-        raise AssertionError("must not touch a cluster when none is configured")
+    servers = []
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "no-kubeconfig"))
 
-    monkeypatch.setattr(kubernetes.config, "load_kube_config", boom)
-    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", boom)
-    obj = k8s.render_inference_service("tiny-sd", "s3://b/tiny-sd/1/model")
-    status = k8s.apply(obj)
-    written = home / "manifests" / "tiny-sd.yaml"
-    assert status.startswith("no cluster configured") and str(written) in status
-    assert yaml.safe_load(written.read_text()) == obj
-    local = k8s.render_inference_service("tiny-sd", str(home / "models" / "1"))
-    assert "storageUri is a local path" in k8s.apply(local)
+    def start(in_pod=True, **kw):
+        server = FakeApiServer(**kw)
+        servers.append(server)
+        if in_pod:
+            (tmp_path / "token").write_text("sa-token")
+            (tmp_path / "ca.crt").write_text("unused: the fake speaks http")
+            port = server.server.server_address[1]
+
+            def load_incluster_config():
+                incluster_config.InClusterConfigLoader(
+                    token_filename=str(tmp_path / "token"), cert_filename=str(tmp_path / "ca.crt"), try_refresh_token=False,
+                    environ={"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port)},
+                ).load_and_set()
+                c = Configuration.get_default_copy()
+                c.host = server.url
+                Configuration.set_default(c)
+
+            monkeypatch.setattr(kubernetes.config, "load_incluster_config", load_incluster_config)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+    Configuration.set_default(None)
 
 
-class _FakeApi:
-    def __init__(self, exists: bool, fail_status: int | None = None):
-        self.exists, self.fail_status, self.calls = exists, fail_status, []
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        from kubernetes.client.rest import ApiException
-
-        self.calls.append(("create", group, version, namespace, plural, body["metadata"]["name"]))
-        if self.fail_status:
-            raise ApiException(status=self.fail_status, reason="Forbidden")
-        if self.exists:
-            raise ApiException(status=409, reason="AlreadyExists")
-
-    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
-        self.calls.append(("patch", group, version, namespace, plural, name))
+ISVC_PATH = "/apis/serving.kserve.io/v1beta1/namespaces/ml/inferenceservices"
 
 
-@pytest.mark.parametrize("exists", [False, True])
-def test_apply_with_a_context_creates_or_patches(k8s, monkeypatch, exists):
-    import kubernetes
+def test_deploy_in_a_pod_applies_with_the_service_account_and_waits_until_ready(k8s, api_server):
+    server = api_server(ready_after=3)
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/tiny-sd/1/model", namespace="ml")
+    result = k8s.deploy(obj, mode="apply", timeout_s=30)
+    assert result["mode"] == "apply" and result["url"] == "http://tiny-sd.ml.example"
+    assert result["status"].startswith("created InferenceService ml/tiny-sd via the pod's service account")
+    method, path, auth, _, body = server.requests[0]
+    assert (method, path, auth.lower()) == ("POST", ISVC_PATH, "bearer sa-token")
+    assert body == obj
+    assert [r[0] for r in server.requests] == ["POST", "GET", "GET", "GET"]
 
-    from distillery.settings import get_settings
 
-    monkeypatch.setenv("DISTILLERY_KUBE_CONTEXT", "kind-distillery")
-    get_settings.cache_clear()
-    api, contexts = _FakeApi(exists), []
-    monkeypatch.setattr(kubernetes.config, "load_kube_config", lambda context=None: contexts.append(context))
-    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda: api)
+def test_deploy_patches_an_existing_service(k8s, api_server):
+    server = api_server(exists=True)
     obj = k8s.render_inference_service("tiny-sd", "s3://b/tiny-sd/2/model", namespace="ml")
-    status = k8s.apply(obj)
-    assert contexts == ["kind-distillery"]
-    target = ("serving.kserve.io", "v1beta1", "ml", "inferenceservices", "tiny-sd")
-    if exists:
-        assert api.calls == [("create", *target), ("patch", *target)]
-        assert status == "updated InferenceService ml/tiny-sd on kind-distillery"
-    else:
-        assert api.calls == [("create", *target)]
-        assert status == "created InferenceService ml/tiny-sd on kind-distillery"
+    assert k8s.deploy(obj, mode="apply", timeout_s=30)["status"].startswith("updated InferenceService ml/tiny-sd")
+    assert [(r[0], r[1]) for r in server.requests[:2]] == [("POST", ISVC_PATH), ("PATCH", f"{ISVC_PATH}/tiny-sd")]
+    assert server.requests[1][3] == "application/merge-patch+json"
 
 
-def test_apply_surfaces_api_errors_and_refuses_other_kinds(k8s, monkeypatch):
-    import kubernetes
-    from kubernetes.client.rest import ApiException
+def test_deploy_fails_saying_why_when_it_cannot_apply(k8s, api_server, monkeypatch):
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/m", namespace="ml")
+    api_server(fail_status=403)
+    with pytest.raises(k8s.DeployError, match="HTTP 403.*pipeline-runner ServiceAccount.*rbac.yaml"):
+        k8s.deploy(obj, mode="apply", timeout_s=5)
 
-    api = _FakeApi(exists=False, fail_status=403)
-    monkeypatch.setattr(kubernetes.config, "load_kube_config", lambda context=None: None)
-    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda: api)
-    obj = k8s.render_inference_service("tiny-sd", "s3://b/m")
-    with pytest.raises(ApiException):
-        k8s.apply(obj, context="ctx")
-    assert [c[0] for c in api.calls] == ["create"], "only a conflict (409) falls back to patch"
+
+def test_deploy_outside_a_cluster_fails_unless_render_is_asked_for(k8s, api_server, home):
+    api_server(in_pod=False)  # neither a ServiceAccount nor a kubeconfig
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/tiny-sd/1/model")
+    with pytest.raises(k8s.DeployError, match="no cluster credentials.*DISTILLERY_DEPLOY_MODE=render"):
+        k8s.deploy(obj, mode="apply")
+    result = k8s.deploy(obj)  # the embedded default is render
+    written = home / "manifests" / "tiny-sd.yaml"
+    assert result["mode"] == "render" and result["status"].startswith("rendered, not applied")
+    assert str(written) in result["status"] and yaml.safe_load(written.read_text()) == obj
+    local = k8s.render_inference_service("tiny-sd", str(home / "models" / "1"))
+    assert "storageUri is a local path" in k8s.deploy(local)["status"]
+    with pytest.raises(ValueError, match="'apply' or 'render'"):
+        k8s.deploy(obj, mode="dry")
+
+
+def test_deploy_times_out_with_the_services_conditions(k8s, api_server):
+    api_server(ready_after=None)
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/m", namespace="ml")
+    k8s.apply(obj)
+    with pytest.raises(k8s.DeployError, match=r"not Ready after 0.5s \(Ready=False RevisionMissing pulling image\)"):
+        k8s.wait_ready("tiny-sd", "ml", timeout_s=0.5, poll_s=0.1)
+
+
+def test_a_named_context_is_used_over_the_pod(k8s, api_server, tmp_path, monkeypatch):
+    from kubernetes.config import kube_config
+
+    server = api_server(in_pod=False)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "other",
+        "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+        "users": [{"name": "u", "user": {"token": "ctx-token"}}],
+        "contexts": [{"name": "kind-distillery", "context": {"cluster": "c", "user": "u"}},
+                     {"name": "other", "context": {"cluster": "nowhere", "user": "u"}}]}))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/m", namespace="ml")
+    assert k8s.apply(obj, context="kind-distillery") == "created InferenceService ml/tiny-sd via context kind-distillery"
+    assert server.requests[0][2].lower() == "bearer ctx-token"
+
+
+def test_apply_refuses_other_kinds(k8s):
     with pytest.raises(ValueError, match="InferenceService objects only"):
         k8s.apply({"kind": "Deployment", "metadata": {"name": "x"}})
     with pytest.raises(ValueError, match="metadata.name"):
         k8s.apply({"kind": "InferenceService"})
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_deploy_step_uses_the_settings_image_and_says_what_happened(k8s, api_server, home, monkeypatch, tmp_path,
+                                                                         gpu):
+    from distillery.platform import registry
+    from distillery.settings import get_settings
+    from distillery.steps import release
+
+    monkeypatch.setenv("DISTILLERY_IMAGE", "registry.example/ml/distillery:1.0")
+    monkeypatch.setenv("DISTILLERY_IMAGE_GPU", "registry.example/ml/distillery:1.0-cuda")
+    monkeypatch.setenv("DISTILLERY_NAMESPACE", "ml")
+    monkeypatch.setenv("DISTILLERY_DEPLOY_MODE", "apply")
+    get_settings.cache_clear()
+    monkeypatch.setattr(registry, "storage_uri", lambda name, version: f"s3://b/artifacts/1/run/artifacts/model-{version}")
+    monkeypatch.setattr(release, "_log_text", lambda text, name: None)
+    server = api_server()
+    out = release.deploy(model_name="tiny-sd", version="4", kind="text-to-image", gpu=gpu,
+                         manifest_path=str(tmp_path / "manifest.md"))
+    assert out["mode"] == "apply" and out["applied"] == 1.0 and "Ready at http://tiny-sd.ml.example" in out["status"]
+    model = server.requests[0][4]["spec"]["predictor"]["model"]
+    assert model["image"] == ("registry.example/ml/distillery:1.0-cuda" if gpu else "registry.example/ml/distillery:1.0")
+    assert model["storageUri"] == "s3://b/artifacts/1/run/artifacts/model-4"
+    assert (tmp_path / "manifest.md").read_text().startswith("# tiny-sd v4: apply")

@@ -117,3 +117,16 @@ def test_dockerfile_lets_the_torch_index_pick_the_wheel_variant(tmp_path):
     assert "+" not in "".join(line for line in relaxed.splitlines() if line.startswith("torch"))
     assert len(relaxed.splitlines()) == len(real.splitlines())
     assert "python3.11 -m venv /opt/venv" in text and "ENV PATH=/opt/venv/bin:$PATH" in text
+
+
+def test_the_configmap_holds_every_key_the_pipeline_pods_read(docs):
+    from distillery.platform import pods
+
+    _, rendered = docs
+    (cm,) = [d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "distillery-config"]
+    assert set(pods.CONFIG_ENV) <= set(cm["data"]), set(pods.CONFIG_ENV) - set(cm["data"])
+    assert cm["data"]["DISTILLERY_DEPLOY_MODE"] == "apply", "in the cluster the deploy step applies (and fails loudly)"
+    assert not set(pods.SECRET_ENV) & set(cm["data"]), "credentials belong in the Secret"
+    secret_doc = (REPO / "manifests" / "README.md").read_text()
+    assert "create secret generic distillery-credentials" in secret_doc
+    assert all(f"--from-literal={k}=" in secret_doc for k in pods.SECRET_ENV)

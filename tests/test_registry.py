@@ -76,6 +76,9 @@ def test_aliases_promotion_and_rollback(home, tmp_path):
     assert registry.rollback("m") == "2" and registry.champion("m").version in (2, "2")
     assert registry.rollback("m") == "1"
     assert (registry.download("m", "champion", dst=tmp_path / "c") / "weights.safetensors").read_bytes() == bytes([1])
+    # The stable copy follows promotions and rollbacks.
+    assert registry.champion_uri("m") == str(home.resolve() / "champions" / "m")
+    assert (home / "champions" / "m" / "weights.safetensors").read_bytes() == bytes([1])
     with pytest.raises(ValueError, match="no previous champion"):
         registry.rollback("m")
 
@@ -149,6 +152,9 @@ def test_registry_with_artifacts_on_s3(home, tmp_path, monkeypatch):
         assert any(k.endswith("/artifacts/model/weights.safetensors") for k in keys)
         got = registry.download("s3-model", dst=tmp_path / "dl")
         assert (got / "weights.safetensors").read_bytes() == b"on s3"
+        assert registry.champion_uri("s3-model") == "s3://mlflow-bkt/champions/s3-model"
+        copy = s3.get_object(Bucket="mlflow-bkt", Key="champions/s3-model/weights.safetensors")["Body"].read()
+        assert copy == b"on s3"
 
 
 ENDPOINT_SCRIPT = """

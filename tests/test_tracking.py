@@ -193,3 +193,22 @@ def test_git_commit_is_the_checkout_head():
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert tracking.git_commit() == (head or "unknown")
+
+
+def test_the_images_build_time_lineage_reaches_parent_and_step_runs(home, monkeypatch):
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    digest = "sha256:" + "b" * 64
+    monkeypatch.setenv("DISTILLERY_GIT_COMMIT", "c" * 40)
+    monkeypatch.setenv("DISTILLERY_IMAGE", "registry.example/ml/distillery:1.0")
+    monkeypatch.setenv("DISTILLERY_IMAGE_DIGEST", digest)
+    get_settings.cache_clear()
+    parent = tracking.start_pipeline_run("demo", {})
+    with tracking.step_run("demo", "data", parent_run_id=parent) as run:
+        step = run.info.run_id
+    c = tracking.client()
+    for run_id in (parent, step):
+        tags = c.get_run(run_id).data.tags
+        assert tags["git_commit"] == "c" * 40
+        assert tags["image"] == "registry.example/ml/distillery:1.0" and tags["image_digest"] == digest

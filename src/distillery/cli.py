@@ -21,6 +21,10 @@ app.add_typer(data_app, name="data")
 console = Console()
 
 PROFILE = typer.Option("smoke", "--profile", "-p", help="Parameter preset: smoke, cpu or paper.")
+CLUSTER_PROFILE = typer.Option("cpu", "--profile", "-p", help="Parameter preset baked into the YAML: cpu or paper "
+                               "(their real gate thresholds; paper also requests GPUs).")
+SUBMIT_PROFILE = typer.Option("cpu", "--profile", "-p", help="Parameter preset: cpu, paper, or smoke (a quick check "
+                              "of a cluster; its gates pass nearly any model).")
 SET = typer.Option(None, "--set", "-s", help="Override one parameter: key=value (repeatable; JSON values allowed).")
 
 
@@ -38,8 +42,13 @@ def _pipeline(name: str):
     return pipelines[name]
 
 
-def _arguments(name: str, profile: str, sets: Optional[list[str]]) -> dict:
+def _arguments(name: str, profile: str, sets: Optional[list[str]], *, kept: bool = False) -> dict:
+    """`kept`: the result is stored (compiled YAML, recurring run), so the smoke profile's permissive gates are refused."""
     from pipelines.params import ParameterError, parse_set, resolve
+
+    if kept and profile == "smoke":
+        _fail("the smoke profile's gates pass nearly any model, so it is not compiled or scheduled: "
+              "use --profile cpu or --profile paper (or `distillery run --profile smoke` locally)")
 
     try:
         return resolve(name, _pipeline(name), profile, parse_set(sets or []))
@@ -93,7 +102,7 @@ def _summary(pipeline: str, parent: str, model_name: str | None, registry) -> No
 def compile_(
     pipeline: Optional[str] = typer.Argument(None, help="Pipeline name; all pipelines when omitted."),
     out: Path = typer.Option(Path("build/pipelines"), "--out", "-o", help="Folder for the IR YAML files."),
-    profile: str = PROFILE,
+    profile: str = CLUSTER_PROFILE,
 ):
     """Compile pipelines to KFP IR YAML (upload them in the KFP UI); the profile sets the defaults."""
     from distillery.platform import kfp_runtime
@@ -102,7 +111,7 @@ def compile_(
     names = [pipeline] if pipeline else sorted(registry())
     for name in names:
         path = kfp_runtime.compile_pipeline(_pipeline(name), out / f"{name}.yaml",
-                                            arguments=_arguments(name, profile, None))
+                                            arguments=_arguments(name, profile, None, kept=True))
         console.print(f"compiled [bold]{name}[/] -> {path}")
 
 
@@ -110,7 +119,7 @@ def compile_(
 def submit(
     pipeline: str = typer.Argument(..., help="Pipeline name."),
     host: Optional[str] = typer.Option(None, help="KFP API endpoint (default: DISTILLERY_KFP_HOST)."),
-    profile: str = PROFILE,
+    profile: str = SUBMIT_PROFILE,
     set_: Optional[list[str]] = SET,
     experiment: str = typer.Option("distillery", help="KFP experiment."),
 ):
@@ -141,7 +150,7 @@ def schedule(
     pipeline: str = typer.Argument(..., help="Pipeline name."),
     cron: str = typer.Option(..., help="Cron expression, e.g. '0 3 * * *' (daily at 03:00)."),
     host: Optional[str] = typer.Option(None, help="KFP API endpoint (default: DISTILLERY_KFP_HOST)."),
-    profile: str = PROFILE,
+    profile: str = CLUSTER_PROFILE,
     set_: Optional[list[str]] = SET,
     experiment: str = typer.Option("distillery", help="KFP experiment."),
 ):
@@ -152,7 +161,7 @@ def schedule(
         expr = kfp_cron(cron)
     except ValueError as e:
         _fail(str(e))
-    job = kfp_runtime.schedule(_pipeline(pipeline), _arguments(pipeline, profile, set_), cron=expr, host=host,
+    job = kfp_runtime.schedule(_pipeline(pipeline), _arguments(pipeline, profile, set_, kept=True), cron=expr, host=host,
                                experiment=experiment)
     console.print(f"scheduled {pipeline} ({expr}): recurring run {job}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,15 +29,29 @@ class Settings(BaseSettings):
     artifact_location: str | None = Field(
         None, description="Default artifact root for new MLflow experiments (path or s3://bucket/prefix)."
     )
+    champions_location: str | None = Field(
+        None, description="Where promote keeps a stable copy of each champion (<here>/<model>/); default "
+                          "s3://<artifact bucket>/champions with an s3:// artifact location, else a folder under home.")
     optuna_storage: str | None = Field(None, description="Optuna RDB storage URL; default sqlite under home.")
     pipeline_root: str | None = Field(None, description="KFP pipeline root; default a folder under home.")
 
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (Ceph RGW, MinIO, AWS); credentials come from the standard AWS_* variables.")
     s3_region: str = "us-east-1"
 
-    image: str = Field("distillery:latest", description="The one container image for components and predictors.")
-    git_commit: str | None = Field(None, description="Commit the code was built from (set in the image); default: "
-                                                     "asked of git in a checkout.")
+    image: str = Field("localhost/distillery:latest",
+                       description="Full image reference (registry/name:tag or @sha256 digest) of every component and CPU predictor.")
+    image_gpu: str = Field("localhost/distillery:latest-cuda",
+                           description="Full image reference of the CUDA build, used by GPU predictors.")
+    image_digest: str | None = Field(None, description="Digest of the image this code runs in (set in the image at build time).")
+    git_commit: str | None = Field(None, description="Commit the image was built from (set in the image at build time).")
+    config_map: str = Field("distillery-config", description="ConfigMap whose non-secret settings every pipeline pod gets.")
+    credentials_secret: str = Field("distillery-credentials",
+                                    description="Secret whose S3/Optuna/MLflow credentials every pipeline pod gets.")
+    # The embedded default has no cluster, so it renders; the cluster's ConfigMap sets apply.
+    deploy_mode: Literal["apply", "render"] = Field(
+        "render", description="apply: deploy creates the InferenceService and waits until Ready (fails if it cannot); "
+                              "render: deploy only writes the manifest.")
+    deploy_timeout_s: float = Field(600.0, gt=0, description="How long deploy waits for the InferenceService to become Ready.")
     kfp_host: str | None = Field(None, description="KFP API endpoint for submit/schedule.")
     namespace: str = Field("distillery", description="Kubernetes namespace for InferenceServices.")
     kube_context: str | None = Field(None, description="kubectl context; when unset no cluster is assumed.")
@@ -65,6 +80,14 @@ class Settings(BaseSettings):
     @property
     def mlflow_artifact_location(self) -> str:
         return self.artifact_location or str(self.home_abs / "mlartifacts")
+
+    @property
+    def champions_root(self) -> str:
+        if self.champions_location:
+            return self.champions_location.rstrip("/")
+        if self.artifact_location and self.artifact_location.startswith("s3://"):
+            return f"s3://{self.artifact_location[5:].split('/', 1)[0]}/champions"
+        return str(self.home_abs / "champions")
 
     @property
     def optuna_storage_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Kubernetes: InferenceService rendering with the kserve SDK's typed models, applied when a cluster is configured."""
+"""Kubernetes: InferenceService rendering with the kserve SDK's typed models; applied (in a pod with its
+ServiceAccount) and awaited until Ready, or only rendered when DISTILLERY_DEPLOY_MODE=render."""
 
 from __future__ import annotations
 
@@ -60,36 +61,123 @@ def to_yaml(obj: dict) -> str:
     return yaml.safe_dump(obj, sort_keys=False)
 
 
-def apply(obj: dict, context: str | None = None) -> str:
-    """Create or patch the object on the configured cluster; without one, write the manifest and say so."""
+class DeployError(RuntimeError):
+    """The InferenceService could not be applied or did not become Ready; the message says why."""
+
+
+def _check(obj: dict) -> None:
     if not isinstance(obj, dict) or not obj.get("metadata", {}).get("name"):
         raise ValueError("apply() needs a manifest dict with metadata.name: pass render_inference_service(...)'s result")
     if obj.get("kind") != "InferenceService":
         raise ValueError(f"apply() handles InferenceService objects only, got kind {obj.get('kind')!r}; "
                          "apply other resources with 'kubectl apply -k manifests/overlays/...'")
+
+
+def render_only(obj: dict) -> str:
+    """Write the manifest under home and say that nothing was applied (DISTILLERY_DEPLOY_MODE=render)."""
+    _check(obj)
     s = get_settings()
-    context = context or s.kube_context
-    name, ns = obj["metadata"]["name"], obj["metadata"].get("namespace", s.namespace)
-    if not context:
-        out = s.home_abs / "manifests" / f"{name}.yaml"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_yaml(obj))
-        uri = obj.get("spec", {}).get("predictor", {}).get("model", {}).get("storageUri", "")
-        note = "" if "://" in uri else " (its storageUri is a local path: set DISTILLERY_ARTIFACT_LOCATION=s3://... for a cluster)"
-        return f"no cluster configured (DISTILLERY_KUBE_CONTEXT unset); rendered manifest written to {out}{note}"
+    out = write_manifest(obj, s.home_abs / "manifests" / f"{obj['metadata']['name']}.yaml")
+    uri = obj.get("spec", {}).get("predictor", {}).get("model", {}).get("storageUri", "")
+    note = "" if "://" in uri else " (its storageUri is a local path: set DISTILLERY_ARTIFACT_LOCATION=s3://... for a cluster)"
+    return f"rendered, not applied (DISTILLERY_DEPLOY_MODE=render): manifest written to {out}{note}"
+
+
+def _custom_objects_api(context: str | None):
+    """The API for a kube context when one is named; else the pod's ServiceAccount (in-cluster), else the
+    current kubeconfig context. Says how to fix it when none of these exists."""
     from kubernetes import client, config
+
+    if context:
+        config.load_kube_config(context=context)
+        return client.CustomObjectsApi(), f"context {context}"
+    try:
+        config.load_incluster_config()
+        return client.CustomObjectsApi(), "the pod's service account"
+    except config.ConfigException as in_pod:
+        try:
+            config.load_kube_config()
+            return client.CustomObjectsApi(), "the current kubeconfig context"
+        except (config.ConfigException, OSError) as kubeconfig:
+            raise DeployError(
+                f"cannot apply: no cluster credentials (not in a pod: {in_pod}; no kubeconfig: {kubeconfig}). Run the "
+                "step in the cluster with the pipeline-runner ServiceAccount, set DISTILLERY_KUBE_CONTEXT, or set "
+                "DISTILLERY_DEPLOY_MODE=render to only write the manifest") from None
+
+
+def _api_error(e: Exception, what: str, where: str) -> DeployError:
     from kubernetes.client.rest import ApiException
 
-    config.load_kube_config(context=context)
-    api = client.CustomObjectsApi()
+    if isinstance(e, ApiException):
+        hint = {401: "the credentials were refused",
+                403: "the pipeline-runner ServiceAccount needs the Role in manifests/base/rbac.yaml",
+                404: "is KServe installed (CRD inferenceservices.serving.kserve.io) and does the namespace exist?",
+                }.get(e.status, "see the API server's message")
+        return DeployError(f"cannot {what} via {where}: HTTP {e.status} {e.reason}: {hint}")
+    return DeployError(f"cannot {what} via {where}: {type(e).__name__}: {e}")
+
+
+def apply(obj: dict, context: str | None = None) -> str:
+    """Create or patch the InferenceService on the cluster; raises DeployError saying why when it cannot."""
+    import urllib3
+    from kubernetes.client.rest import ApiException
+
+    _check(obj)
+    s = get_settings()
+    name, ns = obj["metadata"]["name"], obj["metadata"].get("namespace", s.namespace)
+    api, where = _custom_objects_api(context or s.kube_context)
     try:
-        api.create_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj)
-        return f"created InferenceService {ns}/{name} on {context}"
-    except ApiException as e:
-        if e.status != 409:
-            raise
-        api.patch_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, name, obj)
-        return f"updated InferenceService {ns}/{name} on {context}"
+        try:
+            api.create_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj)
+            return f"created InferenceService {ns}/{name} via {where}"
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            api.patch_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, name, obj)  # merge patch
+            return f"updated InferenceService {ns}/{name} via {where}"
+    except (ApiException, urllib3.exceptions.HTTPError) as e:
+        raise _api_error(e, f"apply InferenceService {ns}/{name}", where) from None
+
+
+def wait_ready(name: str, namespace: str, *, timeout_s: float, context: str | None = None,
+               poll_s: float = 2.0) -> str:
+    """Poll until the InferenceService reports Ready=True; returns its URL. DeployError on timeout."""
+    import time
+
+    import urllib3
+    from kubernetes.client.rest import ApiException
+
+    api, where = _custom_objects_api(context or get_settings().kube_context)
+    deadline, conditions = time.monotonic() + timeout_s, []
+    while True:
+        try:
+            obj = api.get_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            raise _api_error(e, f"read InferenceService {namespace}/{name}", where) from None
+        status = obj.get("status") or {}
+        conditions = status.get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return status.get("url") or status.get("address", {}).get("url", "")
+        if time.monotonic() >= deadline:
+            last = "; ".join(f"{c.get('type')}={c.get('status')} {c.get('reason', '')} {c.get('message', '')}".strip()
+                             for c in conditions) or "no status yet"
+            raise DeployError(f"InferenceService {namespace}/{name} not Ready after {timeout_s:g}s ({last}); see "
+                              f"`kubectl -n {namespace} describe inferenceservice {name}` and the predictor pod's logs")
+        time.sleep(poll_s)
+
+
+def deploy(obj: dict, *, mode: str | None = None, timeout_s: float | None = None) -> dict:
+    """Apply and wait until Ready, or only render, as DISTILLERY_DEPLOY_MODE says; the result says which happened."""
+    s = get_settings()
+    mode = mode or s.deploy_mode
+    if mode == "render":
+        return {"mode": "render", "status": render_only(obj), "url": ""}
+    if mode != "apply":
+        raise ValueError(f"deploy mode must be 'apply' or 'render', got {mode!r} (DISTILLERY_DEPLOY_MODE)")
+    applied = apply(obj)
+    meta = obj["metadata"]
+    url = wait_ready(meta["name"], meta.get("namespace", s.namespace), timeout_s=timeout_s or s.deploy_timeout_s)
+    return {"mode": "apply", "status": f"{applied}; Ready at {url or '(no URL reported)'}", "url": url}
 
 
 def write_manifest(obj: dict, path: Path) -> Path:

@@ -29,12 +29,24 @@ def run_local(pipeline_func: Callable, arguments: dict[str, Any], *, caching: bo
         return pipeline_func(**arguments)
 
 
+def for_cluster(pipeline_func: Callable, arguments: dict[str, Any] | None = None) -> Callable:
+    """The pipeline as a cluster runs it, its graph rebuilt with retries on every task and, with `gpu` true,
+    accelerators on the compute steps (a pod's resources are fixed at compile time, not by a run parameter)."""
+    from kfp import dsl
+
+    from distillery.platform import pods
+
+    with pods.cluster_build(bool((arguments or {}).get("gpu"))):
+        return dsl.pipeline(name=pipeline_func.name, description=pipeline_func.description)(pipeline_func.pipeline_func)
+
+
 def compile_pipeline(pipeline_func: Callable, package_path: Path, *, arguments: dict[str, Any] | None = None) -> Path:
     """Write the KFP IR YAML, uploadable in the KFP UI; `arguments` become the defaults shown there."""
     from kfp import compiler
 
     package_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func, str(package_path), pipeline_parameters=arguments or None)
+    compiler.Compiler().compile(for_cluster(pipeline_func, arguments), str(package_path),
+                                pipeline_parameters=arguments or None)
     return package_path
 
 
@@ -57,7 +69,7 @@ def client(host: str | None = None):
 def submit(pipeline_func: Callable, arguments: dict[str, Any], *, host: str | None = None,
            experiment: str = "distillery", run_name: str | None = None) -> str:
     result = client(host).create_run_from_pipeline_func(
-        pipeline_func, arguments=arguments, experiment_name=experiment, run_name=run_name,
+        for_cluster(pipeline_func, arguments), arguments=arguments, experiment_name=experiment, run_name=run_name,
         pipeline_root=_remote_root())
     return result.run_id
 
@@ -67,7 +79,8 @@ def schedule(pipeline_func: Callable, arguments: dict[str, Any], *, cron: str, h
     """Create a recurring run (KFP cron: six fields, seconds first)."""
     c = client(host)
     name = job_name or f"{pipeline_func.name}-recurring"
-    package = compile_pipeline(pipeline_func, (package_dir or get_settings().home_abs / "compiled") / f"{name}.yaml")
+    package = compile_pipeline(pipeline_func, (package_dir or get_settings().home_abs / "compiled") / f"{name}.yaml",
+                               arguments=arguments)
     exp = c.create_experiment(experiment)
     job = c.create_recurring_run(experiment_id=exp.experiment_id, job_name=name, cron_expression=cron,
                                  pipeline_package_path=str(package), params=arguments, max_concurrency=1)

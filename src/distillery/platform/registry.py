@@ -116,6 +116,7 @@ def promote(name: str, version: str) -> None:
         history.append(str(current.version))
     c.set_registered_model_tag(name, HISTORY, json.dumps(history[-50:]))
     c.set_registered_model_alias(name, CHAMPION, str(version))
+    publish_champion(name, str(version))
     aliases = dict(_model(name).aliases or {})
     if str(aliases.get(CHALLENGER, "")) == str(version):
         c.delete_registered_model_alias(name, CHALLENGER)  # it won: no longer a challenger
@@ -130,7 +131,29 @@ def rollback(name: str) -> str:
     previous = history.pop()
     c.set_registered_model_alias(name, CHAMPION, previous)
     c.set_registered_model_tag(name, HISTORY, json.dumps(history))
+    publish_champion(name, previous)
     return previous
+
+
+def champion_uri(name: str) -> str:
+    """The stable location of the champion's folder: the storageUri of the GitOps InferenceServices in
+    manifests/inference (a version's own folder moves with every registration)."""
+    from distillery.settings import get_settings
+
+    return f"{get_settings().champions_root}/{name}"
+
+
+def publish_champion(name: str, version: str) -> str:
+    """Copy the version's folder to `champion_uri(name)`; the versions of one model have the same file names,
+    so the copy replaces the previous champion's files."""
+    import tempfile
+
+    from distillery.platform import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download(name, version, dst=Path(tmp))
+        storage.upload(local, champion_uri(name))
+    return champion_uri(name)
 
 
 def version_for_run(name: str, parent_run_id: str) -> str | None:

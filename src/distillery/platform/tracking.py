@@ -77,14 +77,23 @@ def experiment_for(pipeline: str) -> str:
     raise RuntimeError(f"could not create or find the MLflow experiment {name} in {tracking_uri()}")
 
 
-@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit the code runs from: the one the image was built from (settings), else git's; "unknown" only
-    outside both."""
-    from distillery.settings import get_settings
+    """The commit the code runs from: DISTILLERY_GIT_COMMIT (set in the image at build time), else the checkout's
+    HEAD, else "unknown" (neither an image build nor a git checkout)."""
+    return get_settings().git_commit or _checkout_head()
 
-    if get_settings().git_commit:
-        return get_settings().git_commit
+
+def lineage_tags() -> dict[str, str]:
+    """Tags every run gets: the code's commit and, inside the built image, the image reference and digest."""
+    s = get_settings()
+    tags = {"git_commit": git_commit()}
+    if s.image_digest:
+        tags.update(image=s.image, image_digest=s.image_digest)
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def _checkout_head() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -105,8 +114,7 @@ def start_pipeline_run(pipeline: str, params: dict[str, Any], tags: dict[str, st
     c = client()
     run = c.create_run(experiment_for(pipeline), run_name=pipeline,
                        tags={ROLE: "pipeline", "pipeline": pipeline, "kfp_run_id": kfp_run_id,
-                             "git_commit": git_commit(), "image": get_settings().image,
-                             **{k: str(v) for k, v in (tags or {}).items()}})
+                             **lineage_tags(), **{k: str(v) for k, v in (tags or {}).items()}})
     flat = list(_flat(params).items())
     for i in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
         c.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat[i:i + 100]])
@@ -157,7 +165,7 @@ def step_run(pipeline: str, step: str, parent_run_id: str = "", kfp_run_id: str 
              tags: dict[str, str] | None = None) -> Iterator[Any]:
     """A nested run for one step, made the active MLflow run; FAILED (and re-raised) if the step raises.
 
-    Tags: pipeline, task, kfp_run_id, git_commit, data_revision (inherited from the parent once the data
+    Tags: pipeline, task, kfp_run_id, git_commit (and image, image_digest in the image), data_revision (inherited from the parent once the data
     step recorded it, or given in `tags`), mlflow.parentRunId.
     """
     import mlflow
@@ -166,8 +174,7 @@ def step_run(pipeline: str, step: str, parent_run_id: str = "", kfp_run_id: str 
     c = client()
     parent = parent_run_id or (_parent_for_kfp_run(pipeline, kfp_run_id) if kfp_run_id else "")
     parent_tags = _run_tags(c, parent) if parent else {}
-    all_tags = {ROLE: "step", "pipeline": pipeline, "task": step, "kfp_run_id": kfp_run_id,
-                "git_commit": git_commit(), "image": get_settings().image}
+    all_tags = {ROLE: "step", "pipeline": pipeline, "task": step, "kfp_run_id": kfp_run_id, **lineage_tags()}
     for inherited in ("data_revision", "data_content_sha256"):
         if inherited in parent_tags:
             all_tags[inherited] = parent_tags[inherited]

@@ -40,17 +40,19 @@ def register(*, model_dir: str, metrics: dict, model_name: str) -> dict:
 
 
 def deploy(*, model_name: str, version: str, kind: str, gpu: bool, manifest_path: str) -> dict:
-    """Render the InferenceService for this version and apply it when a cluster is configured."""
+    """Render the InferenceService for this version; apply it and wait until Ready unless DISTILLERY_DEPLOY_MODE=render.
+    Fails (DeployError) when it cannot apply: a deploy that silently did nothing would look like a release."""
     from distillery.platform import k8s, registry
 
     s = get_settings()
-    isvc = k8s.render_inference_service(model_name, registry.storage_uri(model_name, version), image=s.image,
+    image = s.image_gpu if gpu else s.image  # GPU predictors need the CUDA build
+    isvc = k8s.render_inference_service(model_name, registry.storage_uri(model_name, version), image=image,
                                         namespace=s.namespace, gpu=gpu, args=["--kind", kind])
-    status = k8s.apply(isvc)
-    text = f"# {model_name} v{version}\n\n{status}\n\n```yaml\n{k8s.to_yaml(isvc)}```\n"
-    Path(manifest_path).write_text(text)
     _log_text(k8s.to_yaml(isvc), "inferenceservice.yaml")
-    return {"status": status}
+    result = k8s.deploy(isvc)
+    text = f"# {model_name} v{version}: {result['mode']}\n\n{result['status']}\n\n```yaml\n{k8s.to_yaml(isvc)}```\n"
+    Path(manifest_path).write_text(text)
+    return {"status": result["status"], "mode": result["mode"], "applied": float(result["mode"] == "apply")}
 
 
 def _log_text(text: str, name: str) -> None:
