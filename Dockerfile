@@ -65,8 +65,9 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md data.dvc ./
 COPY mlflow ./mlflow
 COPY .dvc/config ./.dvc/config
-# data/ is where the data step materializes or pulls the raw sources: the one folder under /app uid 1000 writes.
-RUN mkdir -p /app/data && chown 1000:1000 /app/data
+# data/ is where the data step materializes or pulls the raw sources, .dvc/tmp is DVC's scratch space: the only
+# folders under /app uid 1000 writes.
+RUN mkdir -p /app/data /app/.dvc/tmp && chown 1000:1000 /app/data /app/.dvc/tmp
 USER 1000
 # Lineage: the commit the image was built from and its own reference, tagged on every MLflow run. Last, so that
 # a new tag does not invalidate the layers above.
