@@ -5,11 +5,12 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data services run test compile bench clean help
+.PHONY: install data services container image run test compile bench clean help
 
 help:
 	@echo "make run      bootstrap, then run the tiny-sd pipeline (smoke profile) locally"
 	@echo "make test     bootstrap, start the test servers, run every test"
+	@echo "make image    build the project image with podman (CPU; tagged by a hash of its inputs)"
 	@echo "make compile  KFP IR YAML for every pipeline under build/pipelines"
 	@echo "make bench    benchmarks (bench/), results under bench/results"
 
@@ -27,6 +28,12 @@ data: $(STAMP)
 
 services:
 	bash scripts/services/install.sh
+
+container:
+	bash scripts/container/install.sh
+
+image: $(STAMP) container
+	PY=$(CURDIR)/$(PY) bash scripts/container/build_image.sh
 
 run: data
 	$(VENV)/bin/distillery run tiny-sd --profile smoke

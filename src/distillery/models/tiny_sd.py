@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distillery.models.files import share_readable
 from distillery.models.training import LogFn, make_fabric, resumable_loop
 
 
@@ -192,6 +193,7 @@ def train_vae(dataset, out_dir: Path, *, cfg: TinySDConfig, steps: int, batch_si
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         vae.save_pretrained(out_dir)
         (Path(out_dir) / "tiny_sd_config.json").write_text(json.dumps(asdict(cfg)))
+        share_readable(out_dir)
     fabric.barrier()
     return metrics
 
@@ -276,5 +278,6 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
         pipe.save_pretrained(out_dir, safe_serialization=True)
         (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
                                                                     "max_steps": 100, "resolution": cfg.resolution}))
+        share_readable(out_dir)
     fabric.barrier()
     return metrics

@@ -83,9 +83,10 @@ def data_status(repo_root: Path | str | None = None) -> dict:
             "state": "up to date" if not changes else "modified", "changes": changes}
 
 
-def data_pull(repo_root: Path | str | None = None) -> dict:
+def data_pull(repo_root: Path | str | None = None, sources: tuple[str, ...] | None = None) -> dict:
     """Bring data/ to the revision in data.dvc: `dvc pull` from the configured remote, or, with no remote, rebuild
-    it from the offline sources and check that DVC's md5 of the result equals the recorded one."""
+    it from the offline sources and check that DVC's md5 of the result equals the recorded one. With `sources`,
+    only those are rebuilt, each checked against its recorded file hashes (the folder md5 covers all of them)."""
     from distillery.data.sources import materialize_raw
 
     data_dir, dvc_file = _paths(repo_root)
@@ -96,8 +97,10 @@ def data_pull(repo_root: Path | str | None = None) -> dict:
             if repo.config.get("remote", {}):
                 repo.pull(targets=[str(dvc_file)])
                 return {"source": "dvc remote", **data_status(repo_root)}
-    result = materialize_raw(data_dir, get_settings().home_abs / "npm")
+    result = materialize_raw(data_dir, get_settings().sources_path, sources)
     rev = data_revision(repo_root)
+    if sources is not None:
+        return {"source": "offline sources", "sources": result, "state": "partial", **rev}
     if rev["md5"] != "untracked" and not rev["matches"]:
         raise RuntimeError(f"data/ rebuilt from the offline sources has md5 {rev['actual_md5']}, but data.dvc records "
                            f"{rev['md5']}: remove stray files under data/, or configure a DVC remote holding the "
@@ -106,8 +109,13 @@ def data_pull(repo_root: Path | str | None = None) -> dict:
             **rev}
 
 
-def ensure_data() -> None:
-    """Materialize data/ when it is absent (a fresh container); leaves an existing data/ alone."""
+def ensure_data(sources: tuple[str, ...] | None = None) -> None:
+    """Materialize data/ (or only `sources` of it) when absent, as in a fresh container; leaves present data alone."""
+    from distillery.data.sources import source_matches
+
     data_dir, _ = _paths()
-    if not data_dir.exists():
-        data_pull()
+    if sources is None:
+        if not data_dir.exists():
+            data_pull()
+    elif not all(source_matches(data_dir, s) for s in sources):
+        data_pull(sources=sources)

@@ -20,8 +20,9 @@ def prepare_image_captions(*, out_dir: str, sources: str, resolution: int, per_c
         if not (out / "manifest.json").exists():
             raise FileNotFoundError(f"{dataset_uri} is not a dataset artifact: it has no manifest.json")
     else:
-        versioning.ensure_data()
-        build_image_caption_dataset(out, sources=tuple(sources.split(",")), resolution=resolution,
+        wanted = tuple(s.strip() for s in sources.split(",") if s.strip())
+        versioning.ensure_data(wanted)
+        build_image_caption_dataset(out, sources=wanted, resolution=resolution,
                                     per_class=per_class, holdout_fraction=holdout_fraction, seed=seed,
                                     data_dir=get_settings().data_dir)
     manifest = json.loads((out / "manifest.json").read_text())
