@@ -149,7 +149,7 @@ def test_imported_teacher_branch_skips_teacher_training(smoke):
     children = _children(runs, parents[-1])
     assert {"distill-scott-adv", "evaluate", "gate"} <= set(children)
     assert not {"train-vae", "train-unet"} & set(children)
-    assert json.loads(children["evaluate"].data.params["teacher_steps"].replace("'", '"')) == [1]
+    assert json.loads(children["evaluate"].data.params["teacher_steps"].replace("'", '"')) == [25]
 
 
 def test_scott_notebook_executes_headless(smoke, monkeypatch):
