@@ -56,15 +56,14 @@ def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = No
         if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    mtags = {**{k: str(v) for k, v in (tags or {}).items()},
-             **{f"metric.{k}": repr(float(v)) for k, v in (metrics or {}).items() if _number(v)}}
+    numbers = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
+    mtags = {**{k: str(v) for k, v in (tags or {}).items()}, **{f"metric.{k}": repr(v) for k, v in numbers.items()}}
     # An MLflow 3 logged model links the run to what it produced (the run page's "Logged models", the model's
     # metrics); the weights stay the plain `from_pretrained` folder above, which the version's source names.
     logged = c.create_logged_model(c.get_run(run_id).info.experiment_id, source_run_id=run_id, name=name,
                                    tags={"distillery.format": "model-folder", "distillery.source": source})
     mtags["logged_model_id"] = logged.model_id
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=mtags, model_id=logged.model_id)
-    numbers = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
     if numbers:
         from mlflow.entities import Metric
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import json
-import shutil
-import tempfile
 
 from distillery.steps import (EVALUATOR_FILE, checkpoint_dir, checkpoint_key, dir_hash, evaluator_identity,
                               load_dataset, log_metrics)
@@ -30,9 +28,7 @@ def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) 
     alias, out = f"rev-{key}", Path(out_dir)
     existing = registry.by_alias(name, alias)
     if existing is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copytree(registry.download(name, alias, dst=Path(tmp)), out, dirs_exist_ok=True)
-        net, version = image_eval.FeatureNet.load(out), str(existing.version)
+        net, version = image_eval.FeatureNet.load(registry.download(name, alias, dst=out)), str(existing.version)
     else:
         net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
         net.save(out)
