@@ -61,8 +61,11 @@ def data_revision(repo_root: Path | str | None = None, *, verify: bool = True) -
         md5 = recorded_md5(dvc_file)
     except FileNotFoundError:
         return {"md5": "untracked", "git_commit": "unknown", "matches": None, "data": str(data_dir)}
-    commit = subprocess.run(["git", "log", "-n", "1", "--format=%H", "--", dvc_file.name], cwd=dvc_file.parent,
-                            capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "log", "-n", "1", "--format=%H", "--", dvc_file.name], cwd=dvc_file.parent,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git in the image: the md5 is the revision; the image's own commit is tagged on the run
+        commit = "unknown"
     rev = {"md5": md5, "git_commit": commit or "uncommitted", "data": str(data_dir)}
     if verify:
         actual = content_hash(data_dir) if data_dir.exists() else "missing"
@@ -70,14 +73,22 @@ def data_revision(repo_root: Path | str | None = None, *, verify: bool = True) -
     return rev
 
 
-def data_status(repo_root: Path | str | None = None) -> dict:
-    """Compare data/ with data.dvc (`dvc status` on the pointer file)."""
+def _dvc_repo(root: Path):
+    """DVC's Repo at `root`; outside a git checkout (the image's /app) DVC runs with `no_scm`, which it otherwise
+    refuses with "not a git repository"."""
     from dvc.repo import Repo
 
+    root = Path(root).resolve()
+    in_git = any((p / ".git").exists() for p in (root, *root.parents))
+    return Repo(str(root), config=None if in_git else {"core": {"no_scm": True}})
+
+
+def data_status(repo_root: Path | str | None = None) -> dict:
+    """Compare data/ with data.dvc (`dvc status` on the pointer file)."""
     data_dir, dvc_file = _paths(repo_root)
     if not data_dir.exists():
         return {"data": str(data_dir), "state": "missing", "fix": "distillery data pull"}
-    with Repo(str(dvc_file.parent)) as repo:
+    with _dvc_repo(dvc_file.parent) as repo:
         changes = repo.status(targets=[str(dvc_file)])
     return {"data": str(data_dir), "md5": recorded_md5(dvc_file),
             "state": "up to date" if not changes else "modified", "changes": changes}
@@ -91,9 +102,7 @@ def data_pull(repo_root: Path | str | None = None, sources: tuple[str, ...] | No
 
     data_dir, dvc_file = _paths(repo_root)
     if (dvc_file.parent / ".dvc").is_dir():
-        from dvc.repo import Repo
-
-        with Repo(str(dvc_file.parent)) as repo:
+        with _dvc_repo(dvc_file.parent) as repo:
             if repo.config.get("remote", {}):
                 repo.pull(targets=[str(dvc_file)])
                 return {"source": "dvc remote", **data_status(repo_root)}
