@@ -128,6 +128,7 @@ def test_image_and_object_names_come_from_settings(tmp_path, home):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}", "DISTILLERY_HOME": str(home),
            "DISTILLERY_IMAGE": "registry.example/ml/distillery:1.2.3",
            "DISTILLERY_IMAGE_GPU": "registry.example/ml/distillery@sha256:" + "a" * 64,
+           "DISTILLERY_IMAGE_DIGEST": "sha256:" + "d" * 64,
            "DISTILLERY_CONFIG_MAP": "my-config", "DISTILLERY_CREDENTIALS_SECRET": "my-creds"}
     out = subprocess.run([sys.executable, "-m", "distillery.cli", "compile", "tiny-sd", "--profile", "paper",
                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -137,6 +138,8 @@ def test_image_and_object_names_come_from_settings(tmp_path, home):
         c = ex["container"]
         assert c["image"] == "registry.example/ml/distillery:1.2.3"
         assert {"name": "DISTILLERY_IMAGE_GPU", "value": env["DISTILLERY_IMAGE_GPU"]} in c["env"]
+        # The tag's digest reaches every task, so every run is tagged with the exact image it ran in.
+        assert {"name": "DISTILLERY_IMAGE_DIGEST", "value": env["DISTILLERY_IMAGE_DIGEST"]} in c["env"]
         k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][label]
         assert k8s["configMapAsEnv"][0]["configMapName"] == "my-config"
         assert {e["secretName"] for e in k8s["secretAsEnv"]} == {"my-creds"}

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
                        description="Full image reference (registry/name:tag or @sha256 digest) of every component and CPU predictor.")
     image_gpu: str = Field("localhost/distillery:latest-cuda",
                            description="Full image reference of the CUDA build, used by GPU predictors.")
-    image_digest: str | None = Field(None, description="Digest of the image this code runs in (set in the image at build time).")
+    image_digest: str | None = Field(None, description="Digest (sha256:...) of `image`, when `image` is a tag; compiled into every task, "
+                                     "so runs are tagged with the exact image. An @sha256 reference carries its own.")
     git_commit: str | None = Field(None, description="Commit the image was built from (set in the image at build time).")
     config_map: str = Field("distillery-config", description="ConfigMap whose non-secret settings every pipeline pod gets.")
     credentials_secret: str = Field("distillery-credentials",
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     @property
     def home_abs(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def resolved_image_digest(self) -> str | None:
+        """The digest of `image`: its own for a name@sha256:... reference, else `image_digest`."""
+        return self.image.partition("@")[2] or self.image_digest
 
     @property
     def sources_path(self) -> Path:

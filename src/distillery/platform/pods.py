@@ -108,6 +108,8 @@ def configure_task(task):
     # The deploy step names the same images the pipeline was compiled with.
     task.set_env_variable("DISTILLERY_IMAGE", s.image)
     task.set_env_variable("DISTILLERY_IMAGE_GPU", s.image_gpu)
+    if digest := s.resolved_image_digest:  # every run is tagged with the exact image it ran in
+        task.set_env_variable("DISTILLERY_IMAGE_DIGEST", digest)
     task.set_cpu_request(r.cpu_request).set_cpu_limit(r.cpu_limit)
     task.set_memory_request(r.memory_request).set_memory_limit(r.memory_limit)
     if accel:

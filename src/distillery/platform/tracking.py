@@ -91,11 +91,11 @@ def git_commit() -> str:
 
 
 def lineage_tags() -> dict[str, str]:
-    """Tags every run gets: the code's commit and, inside the built image, the image reference and digest."""
+    """Tags every run gets: the code's commit and, in a compiled task, the image reference and digest."""
     s = get_settings()
     tags = {"git_commit": git_commit()}
-    if s.image_digest:
-        tags.update(image=s.image, image_digest=s.image_digest)
+    if digest := s.resolved_image_digest:
+        tags.update(image=s.image, image_digest=digest)
     return tags
 
 
@@ -132,6 +132,27 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     if status not in TERMINAL:
         raise ValueError(f"status must be one of {TERMINAL}, got {status!r}")
     client().set_terminated(run_id, status)
+
+
+# KFP's final task states (PipelineTaskFinalStatus.state) -> MLflow run statuses.
+KFP_FINAL_STATE = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED", "CANCELED": "KILLED"}
+
+
+def finish_kfp_run(pipeline: str, kfp_run_id: str, state: str, error: str = "") -> str:
+    """The exit handler's work: end the parent run of this pipeline run with the pipeline's final state (any
+    state but success and cancellation is FAILED). Returns the parent's id, or "" when no step ever opened one."""
+    parent = get_settings().parent_run_id
+    c = client()
+    if not parent and kfp_run_id:
+        found = _parents_for_kfp_run(c, experiment_for(pipeline), kfp_run_id)
+        parent = found[0].info.run_id if found else ""
+    if not parent:
+        return ""
+    c.set_tag(parent, "kfp_final_state", state)
+    if error:
+        c.set_tag(parent, "kfp_error", error[:5000])
+    finish_pipeline_run(parent, KFP_FINAL_STATE.get(state.upper(), "FAILED"))
+    return parent
 
 
 def _parents_for_kfp_run(c, exp: str, kfp_run_id: str) -> list:
