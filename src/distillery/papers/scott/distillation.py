@@ -300,7 +300,8 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
                 p_target.lerp_(p_student, 1 - cfg.ema_decay)
         return {"loss": loss_cd.item()}
 
-    fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images))
+    fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images),
+                       optimizers=sorted(optimizers))  # a checkpoint of the one-optimizer loop is refused clearly
     metrics = resumable_loop(cfg.method, model, optimizers, cfg.steps, checkpoint_dir, checkpoint_every, gen,
                              step_fn, on_log, log_every, fingerprint, fabric=fabric)
     student = parts["student"].cpu().float().eval().requires_grad_(False)
