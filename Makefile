@@ -49,6 +49,7 @@ bench: data
 	$(PY) bench/serving.py
 	$(PY) bench/mode.py
 	$(PY) bench/scott.py --profile cpu
+	$(PY) bench/training.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -156,3 +156,18 @@ def test_config_errors_are_explained():
         mode.MoDEConfig(num_experts=2, top_k=3).check()
     with pytest.raises(ValueError, match="divisible by heads"):
         mode.MoDEConfig(width=30, heads=4).check()
+
+
+def test_a_step_that_idles_experts_still_gives_every_parameter_a_gradient():
+    """Why MoDE trains under plain DDP (no find_unused_parameters): with one sample, top-2 of 4 experts run, yet
+    every parameter gets a gradient (the idle experts' rows of their stacked weights are zero), so DDP's reducer
+    is never left waiting."""
+    torch.manual_seed(0)
+    policy = mode.MoDEPolicy(CFG)
+    actions, obs, goal = _inputs(1, 0)
+    seen = _routed(policy, lambda: mode.edm_loss(policy, actions, obs, goal, generator=torch.Generator().manual_seed(0))[0]
+                   .backward())
+    assert all(len(set(idx.flatten().tolist())) == CFG.top_k for idx in seen), "some experts should sit idle"
+    assert [n for n, p in policy.named_parameters() if p.grad is None] == []
+    idle = sorted(set(range(CFG.num_experts)) - set(seen[0].flatten().tolist()))
+    assert torch.count_nonzero(policy.blocks[0].ffn.w1.grad[idle]) == 0

@@ -134,3 +134,84 @@ def test_ddp_on_two_cpu_processes_gives_identical_weights_and_one_writer(tmp_pat
     assert {entry["rank"] for entry in logs} == {0} and [e["step"] for e in logs] == [2, 4, 6]
     assert (a / "vae" / "diffusion_pytorch_model.safetensors").exists()
     assert sorted(p.name for p in (a / "ckpt").iterdir()) == ["last.ckpt"]
+
+
+def _torchrun(script: str, args: list, home: Path, timeout: int = 600) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    env.update(DISTILLERY_HOME=str(home), DISTILLERY_ACCELERATOR="cpu", DISTILLERY_DEVICES="2",
+               DISTILLERY_CPU_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]))
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={29500 + (os.getpid() + len(args)) % 1000}", str(REPO / "tests" / script), *map(str, args)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """One DDP launch: SCott (stopped before step 3, then resumed to 4; and 4 uninterrupted), MoDE the same way,
+    the dense baseline (4 steps)."""
+    root = tmp_path_factory.mktemp("ddp_methods")
+    for name in ("scott-resumed", "scott-full", "mode-resumed", "mode-full", "dense"):
+        (root / name).mkdir()
+    _torchrun("ddp_train_methods.py", [f"scott:{root / 'scott-resumed'}:4:3", f"scott:{root / 'scott-resumed'}:4",
+                                       f"scott:{root / 'scott-full'}:4", f"mode:{root / 'mode-resumed'}:4:3",
+                                       f"mode:{root / 'mode-resumed'}:4", f"mode:{root / 'mode-full'}:4",
+                                       f"dense:{root / 'dense'}:4"], root / "home")
+    return root
+
+
+def _ranks(out: Path, steps: int = 4) -> dict:
+    r0, r1 = [json.loads((out / f"rank{r}-{steps}.json").read_text()) for r in (0, 1)]
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["seed"] != r1["seed"], "the ranks sampled the same batches"
+    assert (r0["weights"], r0["optimizer"]) == (r1["weights"], r1["optimizer"]), "the ranks ended apart"
+    assert r0["resumed_from_step"] == r1["resumed_from_step"]
+    return r0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["scott", "mode"])
+def test_method_loops_under_ddp_stay_in_sync_and_resume_to_the_uninterrupted_weights(method_runs, method):
+    """SCott: student, EMA target, discriminator and both optimizers; MoDE: the routed policy. The same on both
+    ranks after each rank trained on its own batches, and a run stopped after its step-2 checkpoint and started
+    again ends where the uninterrupted run does."""
+    resumed, full = _ranks(method_runs / f"{method}-resumed"), _ranks(method_runs / f"{method}-full")
+    assert (resumed["resumed_from_step"], full["resumed_from_step"]) == (2, 0)
+    assert resumed["weights"] == full["weights"] and resumed["optimizer"] == full["optimizer"]
+    logs = [json.loads(line) for line in (method_runs / f"{method}-resumed" / "log.jsonl").read_text().splitlines()]
+    assert {e["rank"] for e in logs} == {0} and [e["step"] for e in logs] == [2, 4]
+    assert sorted(p.name for p in (method_runs / f"{method}-full" / "ckpt").iterdir()) == ["last.ckpt"]
+    saved = "unet/diffusion_pytorch_model.safetensors" if method == "scott" else "model.safetensors"
+    assert (method_runs / f"{method}-full" / "model" / saved).exists()
+
+
+@pytest.mark.slow
+def test_dense_baseline_under_ddp(method_runs):
+    assert _ranks(method_runs / "dense")["resumed_from_step"] == 0
+    assert (method_runs / "dense" / "model" / "policy.json").exists()
+
+
+@pytest.mark.slow
+def test_a_training_step_under_ddp_has_one_run_and_registers_once(tmp_path):
+    """The feature-network step trains and registers: run through `run_step` by 2 processes it makes one step run
+    and one model version; run again it reuses that version on both ranks (no training, no second version)."""
+    from mlflow import MlflowClient
+
+    from distillery.data import build_image_caption_dataset
+
+    build_image_caption_dataset(tmp_path / "ds", sources=("mnist",), resolution=16, per_class=6,
+                                data_dir=REPO / "data")
+    home = tmp_path / "home"
+    _torchrun("ddp_train_methods.py", [f"register:{tmp_path / 'ds'}:{tmp_path / 'first' / 'net'}",
+                                       f"register:{tmp_path / 'ds'}:{tmp_path / 'again' / 'net'}"], home)
+    for folder, reused in (("first", 0.0), ("again", 1.0)):
+        rows = [json.loads(line) for line in (tmp_path / folder / "register.jsonl").read_text().splitlines()]
+        by_rank = {r.pop("rank"): r for r in rows}
+        assert by_rank[1] == {} and by_rank[0]["evaluator_reused"] == reused and by_rank[0]["evaluator_version"] == 1
+        assert (tmp_path / folder / "net" / "feature_net.safetensors").exists()
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'evaluator-mnist-16px'")
+    assert [int(v.version) for v in versions] == [1]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.tags.get("task") for r in runs) == ["train-feature-net", "train-feature-net"]

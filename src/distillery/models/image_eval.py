@@ -85,11 +85,13 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, num_classes: int, 
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from distillery.models.training import single_process_fabric
+    from distillery.models.training import make_fabric
 
-    fabric = single_process_fabric("feature network training")
+    fabric = make_fabric()
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    # Under DDP each rank samples its own batches; BatchNorm normalizes with each rank's batch and the saved
+    # running statistics are rank 0's (DDP broadcasts them every forward), as in any DDP training without SyncBN.
+    gen = torch.Generator().manual_seed(seed + fabric.global_rank)
     net = FeatureNet(num_classes)
     model, opt = fabric.setup(net, torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt.optimizer, max_lr=lr, total_steps=steps)

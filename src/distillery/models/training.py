@@ -57,7 +57,12 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def make_fabric(settings=None):
     """The launched Fabric of this process for the settings' accelerator, devices, strategy and precision
-    (one per configuration, so the loops of a step share a process group)."""
+    (one per configuration, so the loops of a step share a process group).
+
+    DDP is plain DDP (no `find_unused_parameters`): its reducer waits for a gradient of every parameter in every
+    step, and every loop gives one. MoDE's routing skips experts, but each layer's experts are one stacked parameter,
+    so the skipped experts get zero rows of a gradient that exists (tests/test_mode_model.py checks this); a model
+    that truly left a parameter out would fail loudly at its next step, never train silently out of sync."""
     from lightning.fabric import Fabric
 
     from distillery.settings import get_settings
@@ -78,13 +83,20 @@ def make_fabric(settings=None):
     return _fabrics[key]
 
 
-def single_process_fabric(what: str):
-    """make_fabric for loops that do not run under DDP yet (several models and forward calls per step)."""
-    fabric = make_fabric()
-    if fabric.world_size > 1:
-        raise ValueError(f"{what} runs in one process (one GPU or the CPU); it was started with "
-                         f"{fabric.world_size} processes: set DISTILLERY_DEVICES=1 for this step")
-    return fabric
+def global_rank(settings=None) -> int:
+    """This process's rank among a step's training processes: 0 in one process, else the launched Fabric's."""
+    from distillery.settings import get_settings
+
+    s = settings or get_settings()
+    return 0 if s.devices == 1 else make_fabric(s).global_rank
+
+
+def broadcast(obj, settings=None):
+    """Rank 0's `obj` on every training process (a decision all ranks must share); `obj` itself in one process."""
+    from distillery.settings import get_settings
+
+    s = settings or get_settings()
+    return obj if s.devices == 1 else make_fabric(s).broadcast(obj)
 
 
 def _storage_path(checkpoint_dir) -> str:
@@ -141,13 +153,15 @@ def resumable_loop(name: str, model, opt, steps: int, checkpoint_dir: Path | str
                    step_fn: Callable[[int], dict], on_log: LogFn | None, log_every: int, fingerprint: dict,
                    fabric=None) -> dict:
     """Run `step_fn(step)` (which returns {"loss": float}) from the checkpoint's step to `steps`. `model` and `opt`
-    are what `fabric.setup` returned; `gen` is the generator the loop samples with."""
+    are what `fabric.setup` returned (or a module holding every trained part, and a dict of named optimizers when a
+    loop steps several); `gen` is the generator the loop samples with."""
     fabric = fabric or make_fabric()
+    optimizers = opt if isinstance(opt, dict) else {"optimizer": opt}
     key = json.dumps({"loop": name, "world_size": fabric.world_size, **fingerprint}, sort_keys=True, default=str)
     start, last_loss = 0, float("nan")
     path = _storage_path(checkpoint_dir) if checkpoint_dir else None
     if path and _exists(path):
-        state = {"model": model, "optimizer": opt}
+        state = {"model": model, **optimizers}
         rest = fabric.load(path, state, weights_only=True)
         if rest.get("fingerprint") != key:
             raise ValueError(f"the checkpoint in {checkpoint_dir} was written by a run with other settings "
@@ -174,7 +188,7 @@ def resumable_loop(name: str, model, opt, steps: int, checkpoint_dir: Path | str
                 on_log({f"{name}_loss": recent}, step + 1)
         if path and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             rng = _rng_states(fabric, gen)
-            fabric.save(path, {"model": model, "optimizer": opt, "step": step + 1, "rng": rng, "fingerprint": key,
+            fabric.save(path, {"model": model, **optimizers, "step": step + 1, "rng": rng, "fingerprint": key,
                                "loss": recent})
     model.eval()
     seconds = time.perf_counter() - t0

@@ -22,9 +22,15 @@ def run_step(
 ) -> dict:
     import mlflow
 
+    from distillery.models.training import global_rank
     from distillery.platform import tracking
     from distillery.settings import get_settings
 
+    if global_rank() != 0:
+        # A training step started as several DDP processes: the others train alongside rank 0 and do nothing else
+        # (training steps return after training on them), so the step has one run, one set of metrics, and what
+        # it registers is registered once.
+        return fn(**kwargs) or {}
     parent = get_settings().parent_run_id or ""
     with tracking.step_run(pipeline, step, parent_run_id=parent, kfp_run_id=kfp_run_id):
         mlflow.log_params({k: _param(v) for k, v in kwargs.items() if not k.endswith("_dir") and not k.endswith("_path")})

@@ -19,6 +19,7 @@ def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) 
     import mlflow
 
     from distillery.models import image_eval
+    from distillery.models.training import broadcast, global_rank
     from distillery.platform import registry
 
     ds = load_dataset(dataset_dir)
@@ -26,11 +27,14 @@ def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) 
     name = f"evaluator-{'-'.join(ds.manifest['sources'])}-{ds.manifest['resolution']}px"
     key = checkpoint_key(data=ds.manifest["content_sha256"], steps=steps, seed=seed, net=image_eval.FeatureNet.__name__)
     alias, out = f"rev-{key}", Path(out_dir)
-    existing = registry.by_alias(name, alias)
+    existing = registry.by_alias(name, alias) if global_rank() == 0 else None
+    if not broadcast(existing is not None):  # under DDP rank 0 decides: every rank trains, or none does
+        net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
+    if global_rank() != 0:
+        return {}  # the other DDP processes only train: rank 0 saves, registers (once) and reports
     if existing is not None:
         net, version = image_eval.FeatureNet.load(registry.download(name, alias, dst=out)), str(existing.version)
     else:
-        net = image_eval.train_feature_net(train.images, train.labels, len(ds.classes), steps=steps, seed=seed)
         net.save(out)
         version = registry.register_dir(name, out, mlflow.active_run().info.run_id,
                                         tags={"data_sha256": ds.manifest["content_sha256"], "steps": steps, "seed": seed})
@@ -44,6 +48,7 @@ def train_feature_net(*, dataset_dir: str, out_dir: str, steps: int, seed: int) 
 def train_vae(*, dataset_dir: str, out_dir: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
     from distillery.models import tiny_sd
     from distillery.models.image_eval import make_grid
+    from distillery.models.training import global_rank
     from distillery.platform import tracking
 
     ds = load_dataset(dataset_dir)
@@ -52,6 +57,8 @@ def train_vae(*, dataset_dir: str, out_dir: str, steps: int, batch_size: int, lr
                           seed=seed, cfg=cfg)
     metrics = tiny_sd.train_vae(ds.train(), Path(out_dir), cfg=cfg, steps=steps, batch_size=batch_size, lr=lr,
                                 seed=seed, checkpoint_dir=ckpt, on_log=log_metrics)
+    if global_rank() != 0:
+        return metrics  # the other DDP processes only train; rank 0 logs
     originals, recon = tiny_sd.reconstruct(Path(out_dir), ds.holdout().images[:8])
     tracking.log_image(make_grid([*originals, *recon], nrow=8), "reconstructions.png")
     return metrics

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distillery.models.files import share_readable
-from distillery.models.training import LogFn, resumable_loop, single_process_fabric
+from distillery.models.training import LogFn, make_fabric, resumable_loop
 from distillery.papers.mode.model import (ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, freeze_sampler, karras_sigmas,
                                           sample)
 
@@ -53,12 +53,14 @@ def train_policy(demos, out_dir: Path, cfg: MoDEConfig, *, steps: int, batch_siz
     obs_t = torch.from_numpy((obs - mean) / std).float()
     act_t, task_t = torch.from_numpy(act).float(), torch.from_numpy(task).long()
 
-    fabric = single_process_fabric("MoDE policy training")
+    # Plain DDP for both: top-k routing idles experts, but they share one stacked parameter per layer with the
+    # experts in use, so every parameter has a gradient each step (see make_fabric).
+    fabric = make_fabric()
     torch.manual_seed(seed)
     policy = MoDEPolicy(cfg)
     model, opt = fabric.setup(policy, torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=1e-4))
     model.mark_forward_method("denoise")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + fabric.global_rank)  # each rank its own batches and noise
     extra = {}
 
     def step_fn(_: int) -> dict:
@@ -78,8 +80,10 @@ def train_policy(demos, out_dir: Path, cfg: MoDEConfig, *, steps: int, batch_siz
                                              aux_weight=aux_weight, seed=seed, data=demos.manifest.get("content_sha256")),
                              fabric=fabric)
     policy = policy.cpu().float()
-    save_policy(Path(out_dir), policy, sampling_steps=sampling_steps, obs_mean=mean, obs_std=std,
-                tasks=list(demos.tasks), instructions=list(demos.instructions), goals=goals)
+    if fabric.is_global_zero:
+        save_policy(Path(out_dir), policy, sampling_steps=sampling_steps, obs_mean=mean, obs_std=std,
+                    tasks=list(demos.tasks), instructions=list(demos.instructions), goals=goals)
+    fabric.barrier()
     return {**metrics, **{f"{name}_{k}": v for k, v in extra.items()},
             f"{name}_total_parameters": float(sum(p.numel() for p in policy.parameters())),
             f"{name}_active_parameters": float(policy.active_parameters())}

@@ -34,7 +34,7 @@ from torch import nn
 
 from distillery.models import tiny_sd
 from distillery.models.files import share_readable
-from distillery.models.training import resumable_loop, single_process_fabric
+from distillery.models.training import make_fabric, resumable_loop
 
 METHODS = ("cd-ode", "scott", "scott-adv")
 
@@ -233,7 +233,7 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
     if len(captions) != len(images) or not all(isinstance(c, str) and c.strip() for c in captions):
         raise ValueError("distillation needs one non-empty caption per image")
 
-    fabric = single_process_fabric("consistency distillation")
+    fabric = make_fabric()
     torch.manual_seed(cfg.seed)
     mean, std = tiny_sd.encode_latents(teacher.vae, images)
     unique, embeddings = tiny_sd.encode_captions(captions, encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
@@ -245,18 +245,21 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
     student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
     target = copy.deepcopy(teacher_unet).eval().requires_grad_(False)  # EMA of the student
     parts = {"student": student, "target": target}
-    groups = [{"params": list(student.parameters()), "lr": cfg.lr}]
-    disc = None
+    # Student and discriminator are each set up by Fabric (DDP modules under several processes) with an optimizer
+    # of their own, so each backward below syncs the gradients of exactly one of them. The frozen teacher and the
+    # EMA target are plain modules: the target follows the synced student, so it is the same on every rank.
+    student_ddp, opt = fabric.setup(student, torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0))
+    optimizers, disc, disc_ddp = {"optimizer": opt}, None, None
     if cfg.adv_weight > 0:
         disc = LatentDiscriminator(teacher_unet.config.in_channels, embeddings.shape[-1])
         parts["discriminator"] = disc
-        groups.append({"params": list(disc.parameters()), "lr": cfg.disc_lr, "betas": (0.5, 0.999)})
-    model, opt = fabric.setup(nn.ModuleDict(parts), torch.optim.AdamW(groups, weight_decay=0.0))
-    student, target, disc = model.student, model.target, getattr(model, "discriminator", None)
-    teacher_unet = fabric.to_device(teacher_unet)
+        disc_ddp, optimizers["disc_optimizer"] = fabric.setup(disc, torch.optim.AdamW(
+            disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0))
+    model = nn.ModuleDict(parts)  # every trained part, for the checkpoint
+    target, teacher_unet = fabric.to_device(target), fabric.to_device(teacher_unet)
     ac = fabric.to_device(sched.alphas_cumprod.float())
     grid = torch.arange(1, n_train // cfg.skip + 1) * cfg.skip - 1  # the timesteps LCMScheduler samples at
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + fabric.global_rank)  # each rank its own batches and noise
 
     def step_fn(_: int) -> dict:
         b = cfg.batch_size
@@ -273,17 +276,23 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
                                 guidance_scale=cfg.guidance_scale, noise_strength=cfg.noise_strength,
                                 substeps=cfg.solver_substeps, generator=gen)
             goal = consistency_fn(target, x_s, s, cond, sched, ac)
-        pred = consistency_fn(student, x_t, t, cond, sched, ac)
+        pred = consistency_fn(student_ddp, x_t, t, cond, sched, ac)
         loss_cd = pseudo_huber(pred.float(), goal.float(), cfg.huber_c)
         loss = loss_cd
         opt.zero_grad(set_to_none=True)
         if disc is not None:
-            loss = loss + cfg.adv_weight * generator_adversarial_loss(disc(pred, cond, t))
-        # the generator loss must not train the discriminator
-        fabric.backward(loss, inputs=list(student.parameters()))
+            # The generator loss must not train the discriminator: it goes through the plain module with frozen
+            # weights (the DDP wrapper would wait for discriminator gradients this backward never computes).
+            disc.requires_grad_(False)
+            with fabric.autocast():
+                loss = loss + cfg.adv_weight * generator_adversarial_loss(disc(pred, cond, t))
+            disc.requires_grad_(True)
+        fabric.backward(loss)
         if disc is not None:
-            d_loss = discriminator_hinge_loss(disc(z0, cond, t), disc(pred.detach(), cond, t))
-            fabric.backward(d_loss, inputs=list(disc.parameters()))
+            optimizers["disc_optimizer"].zero_grad(set_to_none=True)
+            d_loss = discriminator_hinge_loss(disc_ddp(z0, cond, t), disc_ddp(pred.detach(), cond, t))
+            fabric.backward(d_loss)  # one backward over both calls: DDP reduces each parameter once
+            optimizers["disc_optimizer"].step()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
@@ -291,16 +300,20 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
                 p_target.lerp_(p_student, 1 - cfg.ema_decay)
         return {"loss": loss_cd.item()}
 
-    fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images))
-    metrics = resumable_loop(cfg.method, model, opt, cfg.steps, checkpoint_dir, checkpoint_every, gen, step_fn,
-                             on_log, log_every, fingerprint, fabric=fabric)
+    fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images),
+                       optimizers=sorted(optimizers))  # a checkpoint of the one-optimizer loop is refused clearly
+    metrics = resumable_loop(cfg.method, model, optimizers, cfg.steps, checkpoint_dir, checkpoint_every, gen,
+                             step_fn, on_log, log_every, fingerprint, fabric=fabric)
     student = parts["student"].cpu().float().eval().requires_grad_(False)
     teacher.unet.cpu()
     out = Path(out_dir)
-    student_pipeline(teacher, student, cfg.skip).save_pretrained(out, safe_serialization=True)
-    (out / "distillery.json").write_text(json.dumps({
-        "kind": "text-to-image", "default_steps": 2, "max_steps": max_steps, "default_guidance": 1.0,
-        "max_guidance": 1.0, "resolution": size, "method": cfg.method, "distilled_guidance_scale": cfg.guidance_scale}))
-    share_readable(out)
+    if fabric.is_global_zero:
+        student_pipeline(teacher, student, cfg.skip).save_pretrained(out, safe_serialization=True)
+        (out / "distillery.json").write_text(json.dumps({
+            "kind": "text-to-image", "default_steps": 2, "max_steps": max_steps, "default_guidance": 1.0,
+            "max_guidance": 1.0, "resolution": size, "method": cfg.method,
+            "distilled_guidance_scale": cfg.guidance_scale}))
+        share_readable(out)
+    fabric.barrier()
     return {**{k.replace(f"{cfg.method}_", "distill_"): v for k, v in metrics.items()},
             "noise_strength": cfg.noise_strength, "adv_weight": cfg.adv_weight}
