@@ -8,6 +8,7 @@ from typing import Callable
 def registry() -> dict[str, Callable]:
     from pipelines.mode import mode
     from pipelines.scott import scott
+    from pipelines.smdp_nav import smdp_nav
     from pipelines.tiny_sd import tiny_sd
 
-    return {"tiny-sd": tiny_sd, "scott": scott, "mode": mode}
+    return {"tiny-sd": tiny_sd, "scott": scott, "mode": mode, "smdp-nav": smdp_nav}

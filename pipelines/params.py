@@ -69,7 +69,26 @@ _MODE = {
     "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
 }
 
-CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE}
+_SMDP_NAV = {
+    "train_per_level": dict(ge=1, le=100_000),
+    "eval_per_level": dict(ge=1, le=10_000),
+    "min_density": dict(ge=0.0, lt=1.0),
+    "max_density": dict(gt=0.0, le=1.0),
+    "sim_budget_s": dict(gt=0.0),
+    "rollout_s": dict(ge=1.0, le=10_000.0),
+    "num_envs": dict(ge=1, le=4096),
+    "lr": dict(gt=0.0, lt=1.0),
+    "hidden": dict(ge=8, le=4096),
+    "gamma": dict(gt=0.0, le=1.0),
+    "fixed_tau_short": dict(gt=0.0, le=10.0),
+    "fixed_tau_mid": dict(gt=0.0, le=10.0),
+    "fixed_tau_long": dict(gt=0.0, le=10.0),
+    "irsim_scenarios": dict(ge=0, le=10_000),
+    "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
+}
+
+CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE,
+                                          "smdp-nav": _SMDP_NAV}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -92,6 +111,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(episodes_per_task=100, width=256, depth=8, expert_hidden=512, train_steps=200_000,
                       batch_size=512, eval_episodes_per_task=20, gpu=True,
                       gate_thresholds={"success_rate": ["min", 0.7], "cached_matches_uncached": ["min", 1.0]}),
+    },
+    "smdp-nav": {
+        "smoke": dict(train_per_level=4, eval_per_level=2, sim_budget_s=1200.0, rollout_s=10.0, num_envs=8,
+                      hidden=32, irsim_scenarios=1, gate_thresholds={"success_rate": ["min", 0.0]}),
+        "cpu": dict(train_per_level=200, eval_per_level=50, sim_budget_s=100_000.0, irsim_scenarios=20,
+                    gate_thresholds={"success_rate": ["min", 0.5]}),
+        "paper": dict(train_per_level=1000, eval_per_level=200, sim_budget_s=2_000_000.0, num_envs=64, hidden=256,
+                      irsim_scenarios=100, gpu=True, gate_thresholds={"success_rate": ["min", 0.7]}),
     },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,
@@ -125,8 +152,25 @@ def _scott_headline_rows(p: dict[str, Any]) -> str | None:
             f"{HEADLINE_STUDENT_STEPS} steps with the teacher at {HEADLINE_TEACHER_STEPS})") if missing else None
 
 
+def _smdp_durations(p: dict[str, Any]) -> str | None:
+    from distillery.papers.smdp_nav import NavConfig
+
+    cfg = NavConfig()
+    taus = [p["fixed_tau_short"], p["fixed_tau_mid"], p["fixed_tau_long"]]
+    problems = []
+    if not cfg.tick <= taus[0] < taus[1] < taus[2]:
+        problems.append(f"fixed_tau_short < fixed_tau_mid < fixed_tau_long must hold, each >= the {cfg.tick} s "
+                        f"tick; got {taus}")
+    if p["min_density"] >= p["max_density"]:
+        problems.append(f"min_density {p['min_density']} must be below max_density {p['max_density']}")
+    if p["rollout_s"] < cfg.tau_max:
+        problems.append(f"rollout_s must be >= the longest duration {cfg.tau_max} s")
+    return "; ".join(problems) or None
+
+
 # Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
-CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows]}
+CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
+                                                                    "smdp-nav": [_smdp_durations]}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:
