@@ -64,9 +64,9 @@ class Settings(BaseSettings):
     checkpoint_root: str | None = Field(None, description="Where training steps keep their resumable checkpoints (path or s3://bucket/prefix); default a folder under home.")
 
     # A restarted MLflow server (a new pod, a rollout) refuses connections for seconds: every tracking and registry
-    # call retries with exponential backoff (0, 2, 4, 8, 16, 32 s with the defaults: about a minute), then fails
+    # call retries with exponential backoff (0, 2, 4, ... 64 s with the defaults: about two minutes), then fails
     # the step, which the cluster retries as a whole (platform/pods.py).
-    tracking_max_retries: int = Field(6, ge=0, le=10, description="Retries of an MLflow request on connection errors and 429/5xx answers.")
+    tracking_max_retries: int = Field(7, ge=0, le=10, description="Retries of an MLflow request on connection errors and 429/5xx answers.")
     tracking_backoff_factor: int = Field(1, ge=0, le=10, description="Backoff between MLflow retries: factor * 2^(n-1) seconds (MLflow takes an integer).")
     tracking_timeout_s: float = Field(120.0, gt=0, description="Timeout of one MLflow request, in seconds.")
     # Optuna's storage on PostgreSQL: a call that lost its connection (a restarted database) is retried until

@@ -88,54 +88,50 @@ def _down(url: str) -> bool:
         return True
 
 
-def test_mlflow_server_restarted_mid_pipeline(s3_env, monkeypatch, s3, postgres_server, tmp_path):
-    """A step logs while its tracking server restarts: the call waits (bounded retries with backoff) and goes
+def test_mlflow_server_restarted_mid_pipeline(production, monkeypatch, mlflow_server):
+    """A step logs while the tracking server restarts: the call waits (bounded retries with backoff) and goes
     through, the next step runs against the restarted server, and the pipeline run finishes."""
     from distillery.platform import tracking
     from distillery.platform.stepping import run_step
     from distillery.settings import get_settings
 
-    server = services.start_mlflow(postgres_server.create_database("mlflow_restart"),
-                                   f"s3://{s3.bucket}/restart-proxied", s3.server)
+    server = mlflow_server.server
+    pipeline = "itest-restart"
+    parent = tracking.start_pipeline_run(pipeline, {"steps": 2})
+    monkeypatch.setenv("DISTILLERY_PARENT_RUN_ID", parent)
+    get_settings.cache_clear()
+
+    def train() -> dict:
+        tracking.log_metrics({"loss": 1.0}, step=0)
+        restart = threading.Thread(target=server.restart, kwargs={"down_s": 2.0})
+        restart.start()
+        deadline = time.time() + 30
+        while not _down(server.url) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _down(server.url), "the server did not go down"
+        start = time.time()
+        tracking.log_metrics({"loss": 0.5}, step=1)  # sent while the server is down
+        waited = time.time() - start
+        restart.join()
+        return {"waited_s": waited}
+
     try:
-        monkeypatch.setenv("DISTILLERY_TRACKING_URI", server.url)
-        monkeypatch.setenv("DISTILLERY_ARTIFACT_LOCATION", f"s3://{s3.bucket}/restart-artifacts")
-        monkeypatch.delenv("DISTILLERY_REGISTRY_URI", raising=False)
-        get_settings.cache_clear()
-        pipeline = "itest-restart"
-        parent = tracking.start_pipeline_run(pipeline, {"steps": 2})
-        monkeypatch.setenv("DISTILLERY_PARENT_RUN_ID", parent)
-        get_settings.cache_clear()
-
-        def train() -> dict:
-            tracking.log_metrics({"loss": 1.0}, step=0)
-            restart = threading.Thread(target=server.restart, kwargs={"down_s": 2.0})
-            restart.start()
-            deadline = time.time() + 30
-            while not _down(server.url) and time.time() < deadline:
-                time.sleep(0.05)
-            assert _down(server.url), "the server did not go down"
-            start = time.time()
-            tracking.log_metrics({"loss": 0.5}, step=1)  # sent while the server is down
-            waited = time.time() - start
-            restart.join()
-            return {"waited_s": waited}
-
         out = run_step(train, pipeline=pipeline, step="train")
-        assert out["waited_s"] > 1.5, out  # the call did wait for the restarted server
-        run_step(lambda: {"fd": 2.0}, pipeline=pipeline, step="evaluate")
-        tracking.finish_pipeline_run(parent)
+    finally:  # the session's server stays up for the tests after this one
+        if _down(server.url):
+            server.restart()
+    assert out["waited_s"] > 1.5, out  # the call did wait for the restarted server
+    run_step(lambda: {"fd": 2.0}, pipeline=pipeline, step="evaluate")
+    tracking.finish_pipeline_run(parent)
 
-        c = tracking.client()
-        assert c.get_run(parent).info.status == "FINISHED"
-        steps = {r.info.run_name: r for r in c.search_runs([tracking.experiment_for(pipeline)],
-                                                           f"tags.`mlflow.parentRunId` = '{parent}'")}
-        assert {k: r.info.status for k, r in steps.items()} == {"train": "FINISHED", "evaluate": "FINISHED"}
-        history = c.get_metric_history(steps["train"].info.run_id, "loss")
-        assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5)]
-        assert steps["evaluate"].data.metrics["fd"] == 2.0
-    finally:
-        server.stop()
+    c = tracking.client()
+    assert c.get_run(parent).info.status == "FINISHED"
+    steps = {r.info.run_name: r for r in c.search_runs([tracking.experiment_for(pipeline)],
+                                                       f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert {k: r.info.status for k, r in steps.items()} == {"train": "FINISHED", "evaluate": "FINISHED"}
+    history = c.get_metric_history(steps["train"].info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5)]
+    assert steps["evaluate"].data.metrics["fd"] == 2.0
 
 
 SWEEP_WORKER = """
