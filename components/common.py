@@ -1,6 +1,7 @@
-"""Paper-agnostic steps shared by every pipeline: validation, gate, registration, deployment."""
+"""Paper-agnostic steps shared by every pipeline: validation, gate, registration, deployment, and the exit handler
+that ends the pipeline's MLflow parent run."""
 
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output, PipelineTaskFinalStatus
 
 from components import component
 
@@ -74,3 +75,14 @@ def deploy(
                       kfp_run_id=kfp_run_id, model_name=model_name, version=version, kind=kind, gpu=gpu,
                       manifest_path=manifest.path)
     return str(result["status"])
+
+
+@component
+def finish_run(status: PipelineTaskFinalStatus, pipeline: str, kfp_run_id: str) -> str:
+    """Exit handler: runs after every other task, whatever happened, and ends the parent MLflow run with the
+    pipeline's final state (on a cluster nothing else would: each step knows only its own run)."""
+    from distillery.platform import tracking
+
+    parent = tracking.finish_kfp_run(pipeline, kfp_run_id, status.state, status.error_message or "")
+    print(f"pipeline {pipeline} {status.state}: parent run {parent or '(none opened)'}")
+    return parent

@@ -12,7 +12,7 @@ deployed as a policy endpoint.
 
 from kfp import dsl
 
-from components.common import deploy, gate, register
+from components.common import deploy, finish_run, gate, register
 from components.mode import collect_demos, evaluate_policies, train_policy, validate_demos
 from distillery.platform.pods import configure_pipeline_tasks
 from pipelines.params import tracking_args
@@ -69,22 +69,25 @@ def mode(
         seed: Random seed of every step.
     """
     t = tracking_args("mode")
-    demos = collect_demos(episodes_per_task=episodes_per_task, seed=seed, demos_uri=demos_uri, **t)
-    checked = validate_demos(demos=demos.outputs["demos"], min_episodes_per_task=min_episodes_per_task, **t)
-    arch = dict(width=width, depth=depth, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden,
-                chunk=chunk, obs_history=obs_history, steps=train_steps, batch_size=batch_size, lr=lr,
-                sampling_steps=sampling_steps, seed=seed)
-    moe = train_policy(demos=demos.outputs["demos"], dense=False, **arch, **t).after(checked)
-    moe.set_display_name("train-mode")
-    dense = train_policy(demos=demos.outputs["demos"], dense=True, **arch, **t).after(checked)
-    dense.set_display_name("train-dense")
-    evaluation = evaluate_policies(mode_policy=moe.outputs["policy"], dense_policy=dense.outputs["policy"],
-                                   episodes_per_task=eval_episodes_per_task, max_steps=eval_max_steps,
-                                   execute=execute, seed=seed, **t)
-    decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
-                    directions={"success_rate": "max"}, **t).set_caching_options(False)
-    with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
-        version = register(model=moe.outputs["policy"], metrics=evaluation.outputs["metrics"], model_name=model_name,
-                           **t).set_caching_options(False)
-        deploy(model_name=model_name, version=version.output, kind="policy", gpu=gpu, **t).set_caching_options(False)
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        demos = collect_demos(episodes_per_task=episodes_per_task, seed=seed, demos_uri=demos_uri, **t)
+        checked = validate_demos(demos=demos.outputs["demos"], min_episodes_per_task=min_episodes_per_task, **t)
+        arch = dict(width=width, depth=depth, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden,
+                    chunk=chunk, obs_history=obs_history, steps=train_steps, batch_size=batch_size, lr=lr,
+                    sampling_steps=sampling_steps, seed=seed)
+        moe = train_policy(demos=demos.outputs["demos"], dense=False, **arch, **t).after(checked)
+        moe.set_display_name("train-mode")
+        dense = train_policy(demos=demos.outputs["demos"], dense=True, **arch, **t).after(checked)
+        dense.set_display_name("train-dense")
+        evaluation = evaluate_policies(mode_policy=moe.outputs["policy"], dense_policy=dense.outputs["policy"],
+                                       episodes_per_task=eval_episodes_per_task, max_steps=eval_max_steps,
+                                       execute=execute, seed=seed, **t)
+        decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
+                        directions={"success_rate": "max"}, **t).set_caching_options(False)
+        with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
+            version = register(model=moe.outputs["policy"], metrics=evaluation.outputs["metrics"],
+                               model_name=model_name, **t).set_caching_options(False)
+            deploy(model_name=model_name, version=version.output, kind="policy", gpu=gpu,
+                   **t).set_caching_options(False)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -11,7 +11,7 @@ teacher of the SCott, Hybrid SD and SwiftDiffusion pipelines.
 
 from kfp import dsl
 
-from components.common import deploy, gate, register, validate_image_captions
+from components.common import deploy, finish_run, gate, register, validate_image_captions
 from components.tiny_sd import (
     evaluate_text_to_image,
     prepare_image_captions,
@@ -73,25 +73,29 @@ def tiny_sd(
         seed: Random seed of every step.
     """
     t = tracking_args("tiny-sd")
-    data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
-                                  holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
-    checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
-    dataset = data.outputs["dataset"]
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
+                                      holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
+        checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
+        dataset = data.outputs["dataset"]
 
-    feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
-    vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed, **t).after(checked)
-    unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
-                      lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
-    evaluation = evaluate_text_to_image(model=unet.outputs["model"], dataset=dataset,
-                                        feature_net=feature_net.outputs["feature_net"], num_per_class=eval_per_class,
-                                        steps=eval_steps, guidance_scale=guidance_scale, seed=seed, **t)
+        feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
+        vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed,
+                        **t).after(checked)
+        unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
+                          lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
+        evaluation = evaluate_text_to_image(model=unet.outputs["model"], dataset=dataset,
+                                            feature_net=feature_net.outputs["feature_net"],
+                                            num_per_class=eval_per_class, steps=eval_steps,
+                                            guidance_scale=guidance_scale, seed=seed, **t)
 
-    decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name,
-                    thresholds=gate_thresholds,
-                    directions={"fd": "min", "cond_acc": "max"}, **t).set_caching_options(False)  # champion may change
-    with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
-        version = register(model=unet.outputs["model"], metrics=evaluation.outputs["metrics"], model_name=model_name,
-                           **t).set_caching_options(False)
-        deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
-               **t).set_caching_options(False)
+        decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
+                        directions={"fd": "min", "cond_acc": "max"},
+                        **t).set_caching_options(False)  # the champion may change between runs
+        with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
+            version = register(model=unet.outputs["model"], metrics=evaluation.outputs["metrics"],
+                               model_name=model_name, **t).set_caching_options(False)
+            deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
+                   **t).set_caching_options(False)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -80,6 +80,8 @@ def test_every_task_is_configured_the_kubernetes_way(compiled, name, profile):
                            (s.credentials_secret, True): pods.SECRET_ENV_OPTIONAL}
         assert int(k8s["activeDeadlineSeconds"]) > 0
         assert k8s["securityContext"] == {"runAsNonRoot": True, "runAsUser": "1000", "runAsGroup": "1000"}
+        # the label the NetworkPolicies let through to PostgreSQL and MLflow (tests/test_manifests.py)
+        assert k8s["podMetadata"]["labels"] == dict([pods.POD_LABEL]), label
 
     tasks = list(_container_tasks(spec))
     assert tasks

@@ -25,8 +25,10 @@ def test_renders_a_non_root_predictor_with_storage_uri_and_resources(k8s):
     assert model["storageUri"] == "s3://models/tiny-sd/3/model"
     assert model["image"] == "distillery:1.0" and model["args"] == ["--kind", "text-to-image"]
     assert pred["serviceAccountName"] == "distillery-models" and pred["minReplicas"] == 1
-    assert model["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
-                                        "runAsNonRoot": True, "runAsUser": 1000}
+    assert model["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True, "runAsUser": 1000}
+    assert model["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pred["volumes"] == [{"name": "tmp", "emptyDir": {}}]
     assert pred["securityContext"]["runAsNonRoot"] is True and pred["securityContext"]["runAsUser"] == 1000
     res = model["resources"]
     assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"cpu", "memory"}

@@ -1,5 +1,7 @@
-"""Kubernetes: kustomize overlays render, core resources validate, every container is non-root with limits,
-no credential is written down, the Dockerfile builds the one non-root image."""
+"""Kubernetes: kustomize overlays render, core resources validate, every container is non-root with limits and
+(where the process allows it) a read-only root filesystem, NetworkPolicies admit only the intended clients, the
+MLflow server runs its basic-auth app with credentials from Secrets, no credential is written down, the Dockerfile
+builds the one non-root image."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def test_core_resources_validate_against_the_kubernetes_schema(docs):
     _, objs = docs
     kinds = {d["kind"] for d in objs}
     assert {"Namespace", "Deployment", "StatefulSet", "Service", "Role", "RoleBinding", "ServiceAccount",
-            "ConfigMap", "ServingRuntime", "InferenceService"} <= kinds
+            "ConfigMap", "ServingRuntime", "InferenceService", "NetworkPolicy"} <= kinds
     for d in objs:
         if d["kind"] not in CRDS:
             kubernetes_validate.validate(d, "1.33.0", strict=True)
@@ -67,6 +69,131 @@ def test_every_container_runs_as_non_root_with_resource_limits(docs):
                 limits = c.get("resources", {}).get("limits", {})
                 assert "cpu" in limits and "memory" in limits, (d["kind"], d["metadata"]["name"])
     assert seen >= 4
+
+
+def _volumes(doc: dict) -> dict[str, dict]:
+    kind = doc["kind"]
+    spec = (doc["spec"]["template"]["spec"] if kind in ("Deployment", "StatefulSet") else
+            doc["spec"]["predictor"] if kind == "InferenceService" else doc["spec"])
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+def test_read_only_root_filesystems_with_a_writable_tmp_and_no_capabilities(docs):
+    """MLflow, PostgreSQL and every predictor write only to their volumes; pipeline steps (KFP's launcher writes
+    its outputs inside the container) are the exception, configured in platform/pods.py."""
+    _, objs = docs
+    checked = set()
+    for d in objs:
+        for spec in pod_specs(d):
+            volumes = _volumes(d)
+            for c in spec["containers"]:
+                ctx = c.get("securityContext", {})
+                name = (d["kind"], d["metadata"]["name"])
+                assert ctx.get("readOnlyRootFilesystem") is True, name
+                assert ctx.get("capabilities", {}).get("drop") == ["ALL"], name
+                tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+                assert tmp and "emptyDir" in volumes[tmp[0]["name"]], name
+                if d["kind"] != "ServingRuntime":  # its pod-level context is the InferenceService's
+                    assert spec["securityContext"].get("seccompProfile") == {"type": "RuntimeDefault"}, name
+                checked.add(name)
+    assert {("Deployment", "mlflow"), ("StatefulSet", "postgres"), ("ServingRuntime", "distillery"),
+            ("InferenceService", "tiny-sd"), ("InferenceService", "mode")} <= checked
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"Exists": has, "DoesNotExist": not has, "In": value in e.get("values", []),
+              "NotIn": value not in e.get("values", [])}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policies: list[dict], target_ns: str, target: dict, source_ns: str, source: dict, port: int) -> bool:
+    """NetworkPolicy ingress semantics: a pod no policy selects takes everything; a selected pod takes a connection
+    when some rule of a selecting policy matches its source (pod and/or namespace selectors) and port."""
+    selecting = [p for p in policies if p["metadata"]["namespace"] == target_ns
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], target)]
+    if not selecting:
+        return True
+    for p in selecting:
+        for rule in p["spec"].get("ingress", []):
+            if rule.get("ports") and not any(r.get("port") == port for r in rule["ports"]):
+                continue
+            for peer in rule.get("from", [{}]):
+                pod_ok = "podSelector" not in peer or _selects(peer["podSelector"], source)
+                ns_ok = (_selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_ns})
+                         if "namespaceSelector" in peer else source_ns == target_ns)
+                if pod_ok and ns_ok:
+                    return True
+    return False
+
+
+def test_network_policies_admit_only_the_intended_clients(docs):
+    from distillery.platform import pods
+
+    _, objs = docs
+    policies = [d for d in objs if d["kind"] == "NetworkPolicy"]
+    workloads = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+                 for d in objs if d["kind"] in ("Deployment", "StatefulSet")}
+    isvc = next(d for d in objs if d["kind"] == "InferenceService")
+    # KServe labels the predictor's pods with their InferenceService; pipeline pods get pods.POD_LABEL.
+    predictor = {**isvc["metadata"].get("labels", {}), "serving.kserve.io/inferenceservice": isvc["metadata"]["name"],
+                 "component": "predictor"}
+    mlflow, postgres, step = workloads["mlflow"], workloads["postgres"], dict([pods.POD_LABEL])
+    ns = "distillery"
+    cases = [  # (target, port, source namespace, source labels, admitted?)
+        (predictor, 8080, "istio-system", {"app": "istio-ingressgateway"}, True),
+        (predictor, 8080, ns, step, False),
+        (predictor, 8080, ns, mlflow, False),
+        (predictor, 8080, "default", {}, False),
+        (postgres, 5432, ns, mlflow, True),
+        (postgres, 5432, ns, step, True),
+        (postgres, 5432, ns, predictor, False),
+        (postgres, 5432, "istio-system", {}, False),
+        (postgres, 5432, "kubeflow", step, False),  # the label alone does not open it from another namespace
+        (postgres, 22, ns, mlflow, False),
+        (mlflow, 5000, ns, step, True),
+        (mlflow, 5000, "istio-system", {}, True),  # the UI through the ingress
+        (mlflow, 5000, ns, predictor, False),
+        ({"app": "anything-else"}, 80, ns, step, False),  # the namespace's default is deny
+    ]
+    for target, port, src_ns, src, expected in cases:
+        assert admitted(policies, ns, target, src_ns, src, port) is expected, (target, port, src_ns, src)
+
+
+def test_mlflow_runs_basic_auth_with_credentials_from_secrets(docs):
+    import configparser
+
+    _, objs = docs
+    (deploy,) = [d for d in objs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["bash", "mlflow/start-server.sh"]  # it adds --app-name basic-auth when configured
+    env = {e["name"]: e for e in c["env"]}
+    path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    for name, secret in (("MLFLOW_AUTH_ADMIN_PASSWORD", "distillery-mlflow-auth"),
+                         ("MLFLOW_FLASK_SERVER_SECRET_KEY", "distillery-mlflow-auth"),
+                         ("PGPASSWORD", "distillery-postgres")):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret, name
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    cm_name = _volumes(deploy)[mount["name"]]["configMap"]["name"]
+    (cm,) = [d for d in objs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name]
+    ours, template = configparser.ConfigParser(), configparser.ConfigParser()
+    ours.read_string(cm["data"][path.name])
+    template.read_string((REPO / "mlflow" / "basic_auth.ini.template").read_text())
+    uri = ours["mlflow"].pop("database_uri")
+    template["mlflow"].pop("database_uri")
+    assert dict(ours["mlflow"]) == dict(template["mlflow"]), "the cluster's auth config drifted from the template"
+    assert re.fullmatch(r"postgresql\+psycopg2://distillery@postgres\.distillery\.svc:5432/(\w+)", uri), uri
+    db = uri.rsplit("/", 1)[1]
+    (init,) = [d for d in objs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "postgres-init"]
+    assert any(f"CREATE DATABASE {db} OWNER distillery" in sql for sql in init["data"].values())
+    readme = (REPO / "manifests" / "README.md").read_text()
+    assert "create secret generic distillery-mlflow-auth" in readme
+    assert all(f"--from-literal={k}=" in readme for k in ("admin-password", "flask-secret-key"))
 
 
 def test_gpu_overlay_asks_for_gpus_and_local_does_not(docs):

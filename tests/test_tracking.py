@@ -236,3 +236,35 @@ def test_the_images_build_time_lineage_reaches_parent_and_step_runs(home, monkey
         tags = c.get_run(run_id).data.tags
         assert tags["git_commit"] == "c" * 40
         assert tags["image"] == "registry.example/ml/distillery:1.0" and tags["image_digest"] == digest
+
+
+def test_an_image_pinned_by_digest_tags_runs_with_that_digest(home, monkeypatch):
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    ref = "registry.example/ml/distillery@sha256:" + "e" * 64
+    monkeypatch.setenv("DISTILLERY_IMAGE", ref)
+    monkeypatch.delenv("DISTILLERY_IMAGE_DIGEST", raising=False)
+    get_settings.cache_clear()
+    tags = tracking.lineage_tags()
+    assert tags["image"] == ref and tags["image_digest"] == "sha256:" + "e" * 64
+
+
+def test_the_exit_handler_ends_the_parent_of_a_kfp_run_with_its_final_state(home, monkeypatch):
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    monkeypatch.delenv("DISTILLERY_PARENT_RUN_ID", raising=False)
+    get_settings.cache_clear()
+    c = tracking.client()
+    # A pipeline that failed before any step opened a parent run leaves nothing to end.
+    assert tracking.finish_kfp_run("demo", "kfp-never", "FAILED") == ""
+    for kfp_run, state, status in [("kfp-ok", "SUCCEEDED", "FINISHED"), ("kfp-bad", "FAILED", "FAILED"),
+                                   ("kfp-stop", "CANCELLED", "KILLED")]:
+        with tracking.step_run("demo", "data", kfp_run_id=kfp_run) as run:
+            parent = run.data.tags[tracking.PARENT_TAG]
+        assert c.get_run(parent).info.status == "RUNNING"  # steps never end their parent
+        assert tracking.finish_kfp_run("demo", kfp_run, state, "task data failed" if state == "FAILED" else "") == parent
+        ended = c.get_run(parent)
+        assert ended.info.status == status and ended.data.tags["kfp_final_state"] == state
+        assert ("kfp_error" in ended.data.tags) == (state == "FAILED")

@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(None, description="torch CPU threads when training on CPU; default torch's choice.")
     checkpoint_root: str | None = Field(None, description="Where training steps keep their resumable checkpoints (path or s3://bucket/prefix); default a folder under home.")
 
+    # A restarted MLflow server (a new pod, a rollout) refuses connections for seconds: every tracking and registry
+    # call retries with exponential backoff (0, 2, 4, ... 64 s with the defaults: about two minutes), then fails
+    # the step, which the cluster retries as a whole (platform/pods.py).
+    tracking_max_retries: int = Field(7, ge=0, le=10, description="Retries of an MLflow request on connection errors and 429/5xx answers.")
+    tracking_backoff_factor: int = Field(1, ge=0, le=10, description="Backoff between MLflow retries: factor * 2^(n-1) seconds (MLflow takes an integer).")
+    tracking_timeout_s: float = Field(120.0, gt=0, description="Timeout of one MLflow request, in seconds.")
+    # Optuna's storage on PostgreSQL: a call that lost its connection (a restarted database) is retried until
+    # the database answers again, at most this long; a worker that died leaves a trial that its heartbeat marks
+    # failed after the grace period, and the trial is then run again by another worker.
+    sweep_reconnect_s: float = Field(60.0, ge=0, description="How long a sweep waits for its database to come back.")
+    sweep_heartbeat_s: int = Field(30, ge=1, description="Heartbeat interval of a running trial, in seconds.")
+    sweep_grace_s: int = Field(120, ge=2, description="A running trial without a heartbeat for this long is failed and retried.")
+    sweep_trial_retries: int = Field(2, ge=0, description="How often a trial failed by a lost worker is run again.")
+
     parent_run_id: str | None = Field(None, description="MLflow parent run of the pipeline run in progress (set by `distillery run`).")
 
     serve_host: str = Field("127.0.0.1", description="Local serving binds here only.")

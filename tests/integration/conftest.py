@@ -30,6 +30,7 @@ class MlflowServer:
     url: str
     backend_uri: str  # postgresql+psycopg2://... of its own database
     artifacts_destination: str  # where `mlflow-artifacts:/` (proxied) artifacts land
+    server: services.MlflowServer  # its process: `server.restart()` brings it back on the same URL
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,7 @@ def mlflow_server(postgres_server, s3) -> MlflowServer:
     backend = postgres_server.create_database("mlflow")
     destination = f"s3://{s3.bucket}/mlflow-proxied"
     server = services.start_mlflow(backend, destination, s3.server)
-    yield MlflowServer(server.url, backend, destination)
+    yield MlflowServer(server.url, backend, destination, server)
     server.stop()
 
 

@@ -139,6 +139,27 @@ class Postgres:
         conn.close()
         return f"{driver}://{name}:{password}@{self.host}:{self.port}/{name}"
 
+    def pg_ctl(self, action: str) -> None:
+        """`pg_ctl start|stop` on this cluster's data folder, keeping the data (a restart, not a teardown)."""
+        cmd = ["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"), "-w",
+               "-t", "60"]
+        if action == "start":
+            # Unix socket in our own folder, not /var/run/postgresql: several clusters may run side by side.
+            _run([*cmd, "-l", str(self.root / "log"), "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off", "start"],
+                 f"PostgreSQL start (log {self.root / 'log'})")
+            _wait(lambda: self.connect().close() is None, "PostgreSQL", log=self.root / "log")
+        elif action == "stop":  # fast: open connections are terminated, as when a pod is deleted
+            _run([*cmd, "-m", "fast", "stop"], "PostgreSQL stop")
+        else:
+            raise ValueError(f"action must be start or stop, got {action!r}")
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop (clients lose their connections), stay down `down_s` seconds, start again on the same port."""
+        self.pg_ctl("stop")
+        time.sleep(down_s)
+        self.pg_ctl("start")
+
     def stop(self) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.root / "data"),
                         "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
@@ -162,11 +183,7 @@ def start_postgres() -> Postgres:
         _run([*as_pg, str(PG_BIN / "initdb"), "-D", str(root / "data"), "-U", "postgres", "-A", "scram-sha-256",
               f"--pwfile={pwfile}"], "initdb")
         pwfile.unlink()
-        # Unix socket in our own folder, not /var/run/postgresql: several clusters may run side by side.
-        _run([*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(root / "data"), "-w", "-t", "60", "-l", str(root / "log"),
-              "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off", "start"],
-             f"PostgreSQL start (log {root / 'log'})")
-        _wait(lambda: pg.connect().close() is None, "PostgreSQL", log=root / "log")
+        pg.pg_ctl("start")
     except BaseException:
         pg.stop()
         raise
@@ -226,6 +243,26 @@ class CephRGW:
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
 
+    def stop_gateway(self) -> None:
+        """Kill radosgw (the S3 endpoint goes away; mon and the memstore OSD keep the objects)."""
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+        self.procs.clear()
+
+    def start_gateway(self) -> None:
+        """radosgw again on the same endpoint, waited for until it answers."""
+        if self.procs:
+            raise ServiceError("the gateway is already running")
+        port = self.endpoint_url.rsplit(":", 1)[1]
+        with open(self.root / "log" / "rgw.out", "ab") as out:
+            self.procs.append(subprocess.Popen(
+                ["radosgw", "-c", str(self.root / "ceph.conf"), "-n", "client.rgw", "-f", "--rgw-frontends",
+                 f"beast endpoint=127.0.0.1:{port}", "--rgw-data", str(self.root / "rgw")],
+                stdout=out, stderr=subprocess.STDOUT))
+        _wait(lambda: urllib.request.urlopen(self.endpoint_url, timeout=2).status == 200, "Ceph RGW", timeout=90,
+              log=self.root / "log" / "client.rgw.log", proc=self.procs[0])
+
     def stop(self) -> None:
         # The cluster's data is thrown away, so a short grace is enough (radosgw alone lingers ~15 s on SIGTERM).
         _stop_children(self.procs, grace=3.0)
@@ -268,13 +305,7 @@ def start_ceph_rgw(bucket: str = "distillery") -> CephRGW:
         osd_id = _run(["ceph", *c, "--connect-timeout", "30", "osd", "create"], "ceph osd create").stdout.strip()
         _run(["ceph-osd", *c, "-i", osd_id, "--mkfs"], "ceph-osd mkfs")
         _run(["ceph-osd", *c, "-i", osd_id], "ceph-osd start")
-        log = d / "log" / "rgw.out"
-        with open(log, "wb") as out:
-            svc.procs.append(subprocess.Popen(
-                ["radosgw", *c, "-n", "client.rgw", "-f", "--rgw-frontends", f"beast endpoint=127.0.0.1:{rgw_port}",
-                 "--rgw-data", str(d / "rgw")], stdout=out, stderr=subprocess.STDOUT))
-        _wait(lambda: urllib.request.urlopen(svc.endpoint_url, timeout=2).status == 200, "Ceph RGW", timeout=90,
-              log=d / "log" / "client.rgw.log", proc=svc.procs[0])
+        svc.start_gateway()
         _run(["radosgw-admin", *c, "-n", "client.admin", "user", "create", "--uid=distillery",
               "--display-name=distillery", f"--access-key={access}", f"--secret-key={secret}"], "radosgw-admin user create")
         svc.client().create_bucket(Bucket=bucket)
@@ -291,6 +322,14 @@ class MlflowServer:
     url: str
     proc: subprocess.Popen
     log: Path
+    env: dict = field(default_factory=dict, repr=False)  # holds credentials: never printed
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, stay down `down_s` seconds, start it again on the same port and backend."""
+        self.stop()
+        time.sleep(down_s)
+        fresh = _launch_mlflow(self.env)
+        self.proc, self.log = fresh.proc, fresh.log
 
     def stop(self) -> None:
         # `mlflow server` runs uvicorn as a child: stop the whole process group it leads.
@@ -310,19 +349,22 @@ def start_mlflow(backend_uri: str, artifacts_destination: str, s3: CephRGW,
     """mlflow/start-server.sh (artifact proxying on) with the backend and the S3 credentials in its environment."""
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     _need(str(mlflow_bin))
-    port = free_port()
     env = {**os.environ, "BACKEND_STORE_URI": backend_uri, "ARTIFACTS_DESTINATION": artifacts_destination,
-           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(free_port()), "MLFLOW_WORKERS": "1",
            "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": s3.access_key,
            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
            "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {})}
+    return _launch_mlflow(env)
+
+
+def _launch_mlflow(env: dict[str, str]) -> MlflowServer:
     fd, log_name = tempfile.mkstemp(prefix="distillery-mlflow-", suffix=".log")
     log = Path(log_name)
     with os.fdopen(fd, "wb") as out:
         proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "start-server.sh")], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    server = MlflowServer(url, proc, log)
+    url = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    server = MlflowServer(url, proc, log, env)
     try:
         # The first start creates the schema in PostgreSQL (alembic migrations): allow time on a busy machine.
         _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "MLflow server",

@@ -32,7 +32,8 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
     """An InferenceService for one registered model version, as a plain dict ready for YAML or the API."""
     from kserve import (V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1ModelFormat, V1beta1ModelSpec,
                         V1beta1PredictorSpec)
-    from kubernetes.client import ApiClient, V1ObjectMeta, V1PodSecurityContext, V1SecurityContext
+    from kubernetes.client import (ApiClient, V1Capabilities, V1EmptyDirVolumeSource, V1ObjectMeta,
+                                   V1PodSecurityContext, V1SeccompProfile, V1SecurityContext, V1Volume, V1VolumeMount)
 
     if not _DNS_LABEL.match(name):
         raise ValueError(f"InferenceService name {name!r} is not a DNS-1123 label: use lower-case letters, digits and "
@@ -45,15 +46,19 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
     model = V1beta1ModelSpec(
         name="kserve-container", model_format=V1beta1ModelFormat(name=model_format), runtime=runtime, storage_uri=storage_uri,
         image=image or s.image, args=args or [], resources=_resources(gpu, resources),
+        # The predictor writes only /tmp (its own volume) and reads /mnt/models (KServe's), as manifests/inference.
         security_context=V1SecurityContext(run_as_non_root=True, run_as_user=1000, allow_privilege_escalation=False,
-                                           read_only_root_filesystem=False))
+                                           read_only_root_filesystem=True, capabilities=V1Capabilities(drop=["ALL"])),
+        volume_mounts=[V1VolumeMount(name="tmp", mount_path="/tmp")])
     isvc = V1beta1InferenceService(
         api_version=f"{ISVC_GROUP}/{ISVC_VERSION}", kind="InferenceService",
         metadata=V1ObjectMeta(name=name, namespace=namespace or s.namespace,
                               labels={"app.kubernetes.io/part-of": "distillery", "distillery/model": name}),
         spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
             model=model, service_account_name=service_account, min_replicas=min_replicas,
-            security_context=V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000))))
+            volumes=[V1Volume(name="tmp", empty_dir=V1EmptyDirVolumeSource())],
+            security_context=V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000,
+                                                  seccomp_profile=V1SeccompProfile(type="RuntimeDefault")))))
     return ApiClient().sanitize_for_serialization(isvc)
 
 

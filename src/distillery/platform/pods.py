@@ -43,6 +43,10 @@ COMPUTE_STEPS = frozenset({
 ACCELERATOR_STEPS = COMPUTE_STEPS - {"collect-demos", "evaluate-navigation"}
 ACCELERATOR = "nvidia.com/gpu"
 
+# Every task's pod carries this label: the NetworkPolicies of manifests/base let only such pods (and the MLflow
+# server) reach PostgreSQL, and only them (and the ingress) reach the MLflow server.
+POD_LABEL = ("distillery/role", "pipeline-step")
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -120,4 +124,5 @@ def configure_task(task):
         task.set_retry(RETRIES, backoff_duration=BACKOFF, backoff_factor=BACKOFF_FACTOR, backoff_max_duration=BACKOFF_MAX)
     kubernetes.set_timeout(task, r.timeout_s)
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    kubernetes.add_pod_label(task, *POD_LABEL)
     return task

@@ -45,17 +45,27 @@ def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = No
         raise ValueError(f"refusing to register pickled files {pickles}: save weights with safetensors "
                          "(save_pretrained(..., safe_serialization=True)) instead")
     c = client()
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        mlflow.log_artifacts(str(local_dir), "model")
-    else:
-        c.log_artifacts(run_id, str(local_dir), "model")
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    # The files first, checked complete, and only then the version: a version never points at a partial folder.
+    try:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.log_artifacts(str(local_dir), "model")
+        else:
+            c.log_artifacts(run_id, str(local_dir), "model")
+        missing = _missing_artifacts(c, run_id, local_dir, files)
+    except Exception as e:  # noqa: BLE001 - any failure of the artifact store; re-raised with what it means
+        raise RegistryError(f"uploading the model folder {local_dir} to {source} failed ({type(e).__name__}: {e}); "
+                            f"no version of {name!r} was created. Check that the artifact store is reachable and "
+                            "retry the step") from e
+    if missing:
+        raise RegistryError(f"the artifact store lacks {len(missing)} of the {len(files)} files just uploaded to "
+                            f"{source} (e.g. {missing[:3]}); no version of {name!r} was created. Retry the step")
     try:
         c.create_registered_model(name, tags={"distillery.format": "model-folder"})
     except MlflowException as e:
         if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
     numbers = {k: float(v) for k, v in (metrics or {}).items() if _number(v)}
     mtags = {**{k: str(v) for k, v in (tags or {}).items()}, **{f"metric.{k}": repr(v) for k, v in numbers.items()}}
     # An MLflow 3 logged model links the run to what it produced (the run page's "Logged models", the model's
@@ -73,6 +83,24 @@ def register_dir(name: str, local_dir: Path, run_id: str, tags: dict | None = No
     c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, 0)])
     c.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
+
+
+def _missing_artifacts(c, run_id: str, local_dir: Path, files: list[Path]) -> list[str]:
+    """Files of `local_dir` that are not under the run's `model/` artifacts with the same size."""
+    stored, todo = {}, ["model"]
+    while todo:
+        for info in c.list_artifacts(run_id, todo.pop()):
+            if info.is_dir:
+                todo.append(info.path)
+            else:
+                stored[info.path] = info.file_size
+    missing = []
+    for f in files:
+        rel = f"model/{f.relative_to(local_dir).as_posix()}"
+        size = stored.get(rel, -1)
+        if size == -1 or (size is not None and size != f.stat().st_size):  # some stores report no size
+            missing.append(rel)
+    return missing
 
 
 def _number(v) -> bool:

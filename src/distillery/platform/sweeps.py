@@ -4,12 +4,19 @@ pipeline's parent run), holding the trial's params, intermediate values, value a
 
 Optuna's MLflowCallback is deprecated, and logs only after a trial ends; here the trial's run is active while
 the objective runs, so the objective may log its own metrics and artifacts into it.
+
+A restarted database must not cost trials: every storage call that lost its connection is retried until the
+database answers again (bounded by settings.sweep_reconnect_s), so a worker rides through a restart; a worker
+that dies instead leaves its trial RUNNING, Optuna's heartbeat marks it FAIL after the grace period, and
+RetryHeartbeatStaleTrialCallback enqueues it again with the same parameters for whichever worker comes next.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 from distillery.settings import get_settings
@@ -19,18 +26,80 @@ log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
 
 
+def _connection_lost(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it: Optuna wraps SQLAlchemy's errors) is a lost or refused database connection,
+    which a retry on a fresh connection may cure; constraint violations and bad SQL are not."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    while e is not None:
+        if isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _reconnecting(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        deadline = time.monotonic() + self.reconnect_s
+        delay = 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not _connection_lost(e) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("optuna storage: %s lost its database connection (%s); retrying in %.1f s",
+                            method.__name__, type(e.__cause__ or e).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+    return call
+
+
+# RDBStorage methods that are not calls to the database.
+_LOCAL_METHODS = frozenset({"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
+                            "check_trial_is_updatable"})
+
+
+@functools.lru_cache(maxsize=1)
+def _storage_class():
+    """RDBStorage whose database calls survive a restart of the database (see the module's docstring)."""
+    import inspect
+
+    from optuna.storages import RDBStorage
+
+    class ReconnectingRDBStorage(RDBStorage):
+        reconnect_s = 60.0
+
+    for name, method in inspect.getmembers(RDBStorage, inspect.isfunction):
+        if (not name.startswith("_") or name == "_get_stale_trial_ids") and name not in _LOCAL_METHODS \
+                and name not in ("upgrade", "get_current_version", "get_head_version", "get_all_versions"):
+            setattr(ReconnectingRDBStorage, name, _reconnecting(method))
+    return ReconnectingRDBStorage
+
+
 def storage(url: str | None = None):
-    """The RDB storage at `url` (default: settings.optuna_storage_url)."""
+    """The RDB storage at `url` (default: settings.optuna_storage_url), with heartbeats (a trial whose worker died
+    is failed after settings.sweep_grace_s and retried) and reconnection on a lost database connection."""
     import optuna
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    url = url or get_settings().optuna_storage_url
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    s = get_settings()
+    url = url or s.optuna_storage_url
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}  # a pooled connection from before a restart is replaced
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # workers in other processes hold the write lock briefly
+    elif url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails the attempt, not the worker
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and warn every time
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.sweep_trial_retries)
+                st = _storage_class()(url, engine_kwargs=kwargs, heartbeat_interval=s.sweep_heartbeat_s,
+                                      grace_period=s.sweep_grace_s, heartbeat_stale_trial_callback=retry)
+            st.reconnect_s = s.sweep_reconnect_s
+            return st
         except (OperationalError, IntegrityError):  # workers starting together on a new database race to create
             # its tables (a locked database) or to stamp its schema version (alembic_version's unique key)
             if attempt == 2:

@@ -37,6 +37,11 @@ def configure() -> None:
     if s.s3_endpoint_url:
         # MLflow's S3 artifact repository takes its endpoint from this variable only; we set it, never read it.
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = s.s3_endpoint_url
+    # MLflow's REST client retries connection errors and 429/5xx answers with urllib3's exponential backoff; it
+    # reads its bounds from these variables on every request, so a restarted server is waited for, not fatal.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(s.tracking_max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(s.tracking_backoff_factor)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(s.tracking_timeout_s))
     if mlflow.get_tracking_uri() != s.mlflow_tracking_uri:
         mlflow.set_tracking_uri(s.mlflow_tracking_uri)
     if mlflow.get_registry_uri() != s.mlflow_registry_uri:
