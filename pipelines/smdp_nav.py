@@ -11,7 +11,7 @@ registered and deployed as a navigation endpoint (lidar scan + goal + velocity -
 
 from kfp import dsl
 
-from components.common import deploy, gate, register
+from components.common import deploy, finish_run, gate, register
 from components.smdp_nav import evaluate_navigation, generate_scenarios, train_navigation, validate_scenarios
 from distillery.platform.pods import configure_pipeline_tasks
 from pipelines.params import tracking_args
@@ -62,30 +62,32 @@ def smdp_nav(
         seed: Random seed of every step.
     """
     t = tracking_args("smdp-nav")
-    scen = generate_scenarios(train_per_level=train_per_level, eval_per_level=eval_per_level, seed=seed, **t)
-    checked = validate_scenarios(scenarios=scen.outputs["scenarios"], min_density=min_density, max_density=max_density,
-                                 **t)
-    common = dict(scenarios=scen.outputs["scenarios"], sim_budget_s=sim_budget_s, rollout_s=rollout_s,
-                  num_envs=num_envs, lr=lr, hidden=hidden, gamma=gamma, seed=seed)
-    smdp = train_navigation(variant="smdp", fixed_tau=0.0, **common, **t).after(checked)
-    smdp.set_display_name("train-adaptive-smdp")
-    naive = train_navigation(variant="naive", fixed_tau=0.0, **common, **t).after(checked)
-    naive.set_display_name("train-adaptive-naive")
-    fixed = []
-    for name, tau in (("short", fixed_tau_short), ("mid", fixed_tau_mid), ("long", fixed_tau_long)):
-        task = train_navigation(variant="fixed", fixed_tau=tau, **common, **t).after(checked)
-        task.set_display_name(f"train-fixed-{name}")
-        fixed.append(task)
-    evaluation = evaluate_navigation(scenarios=scen.outputs["scenarios"], smdp_policy=smdp.outputs["policy"],
-                                     naive_policy=naive.outputs["policy"], fixed_short=fixed[0].outputs["policy"],
-                                     fixed_mid=fixed[1].outputs["policy"], fixed_long=fixed[2].outputs["policy"],
-                                     fixed_taus=[fixed_tau_short, fixed_tau_mid, fixed_tau_long],
-                                     irsim_scenarios=irsim_scenarios, **t)
-    decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
-                    directions={"success_rate": "max"}, **t).set_caching_options(False)
-    with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
-        version = register(model=smdp.outputs["policy"], metrics=evaluation.outputs["metrics"],
-                           model_name=model_name, **t).set_caching_options(False)
-        deploy(model_name=model_name, version=version.output, kind="navigation", gpu=gpu,
-               **t).set_caching_options(False)
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        scen = generate_scenarios(train_per_level=train_per_level, eval_per_level=eval_per_level, seed=seed, **t)
+        checked = validate_scenarios(scenarios=scen.outputs["scenarios"], min_density=min_density,
+                                     max_density=max_density, **t)
+        common = dict(scenarios=scen.outputs["scenarios"], sim_budget_s=sim_budget_s, rollout_s=rollout_s,
+                      num_envs=num_envs, lr=lr, hidden=hidden, gamma=gamma, seed=seed)
+        smdp = train_navigation(variant="smdp", fixed_tau=0.0, **common, **t).after(checked)
+        smdp.set_display_name("train-adaptive-smdp")
+        naive = train_navigation(variant="naive", fixed_tau=0.0, **common, **t).after(checked)
+        naive.set_display_name("train-adaptive-naive")
+        fixed = []
+        for name, tau in (("short", fixed_tau_short), ("mid", fixed_tau_mid), ("long", fixed_tau_long)):
+            task = train_navigation(variant="fixed", fixed_tau=tau, **common, **t).after(checked)
+            task.set_display_name(f"train-fixed-{name}")
+            fixed.append(task)
+        evaluation = evaluate_navigation(scenarios=scen.outputs["scenarios"], smdp_policy=smdp.outputs["policy"],
+                                         naive_policy=naive.outputs["policy"], fixed_short=fixed[0].outputs["policy"],
+                                         fixed_mid=fixed[1].outputs["policy"], fixed_long=fixed[2].outputs["policy"],
+                                         fixed_taus=[fixed_tau_short, fixed_tau_mid, fixed_tau_long],
+                                         irsim_scenarios=irsim_scenarios, **t)
+        decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
+                        directions={"success_rate": "max"}, **t).set_caching_options(False)
+        with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
+            version = register(model=smdp.outputs["policy"], metrics=evaluation.outputs["metrics"],
+                               model_name=model_name, **t).set_caching_options(False)
+            deploy(model_name=model_name, version=version.output, kind="navigation", gpu=gpu,
+                   **t).set_caching_options(False)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

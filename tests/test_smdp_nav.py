@@ -114,3 +114,19 @@ def test_dppo_learns_to_reach_goals_in_one_process(tmp_path, home):
     policy = NavPolicy(tmp_path / "p")
     v, w, tau = policy.command(np.full((3, cfg.beams), 4.0), [5.0, 2.0, 3.0], [0.0, 1.0, -1.0], [0, 0, 0], [0, 0, 0])
     assert ((0 <= v) & (v <= cfg.v_max)).all() and ((cfg.tau_min - 1e-9 <= tau) & (tau <= cfg.tau_max + 1e-9)).all()
+
+
+@pytest.mark.slow
+def test_dppo_on_two_processes_ends_with_equal_weights(tmp_path):
+    """torchrun, 2 CPU processes: each steps its own environments, DDP averages the gradients, so both end with
+    the same weights and optimizer state; the simulated time is the budget of both together."""
+    import json
+
+    from test_training import _torchrun
+
+    _torchrun("ddp_train_smdp.py", [tmp_path], tmp_path / "home")
+    r0, r1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == r1["steps"] == 3  # 240 / (10 x 4 x 2)
+    assert (r0["weights"], r0["optimizer"]) == (r1["weights"], r1["optimizer"]), "the ranks ended apart"
+    assert r0["sim_seconds"] == r1["sim_seconds"] >= 240
+    assert (tmp_path / "model" / "model.safetensors").exists()

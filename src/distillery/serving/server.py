@@ -79,9 +79,10 @@ async def _client_error(request, exc):
 
 
 def detect_kind(model_dir: Path) -> str:
-    """The predictor a model folder needs: a saved policy or a diffusers pipeline."""
+    """The predictor a model folder needs: a saved policy (its policy.json names the kind: "policy" or
+    "navigation") or a diffusers pipeline."""
     if (Path(model_dir) / "policy.json").exists():
-        return "policy"
+        return json.loads((Path(model_dir) / "policy.json").read_text()).get("kind", "policy")
     if (Path(model_dir) / "model_index.json").exists():
         return "text-to-image"
     raise FileNotFoundError(f"{model_dir} holds neither a saved policy (policy.json) nor a diffusers pipeline "
@@ -96,6 +97,7 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
     import kserve.protocol.rest.server as rest
     from kserve.errors import InvalidInput
 
+    import distillery.serving.navigation  # noqa: F401 - registers its kind
     import distillery.serving.policy  # noqa: F401 - registers its kind
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 
