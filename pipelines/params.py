@@ -113,7 +113,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       gate_thresholds={"success_rate": ["min", 0.7], "cached_matches_uncached": ["min", 1.0]}),
     },
     "smdp-nav": {
-        "smoke": dict(train_per_level=4, eval_per_level=2, sim_budget_s=1200.0, rollout_s=10.0, num_envs=8,
+        "smoke": dict(train_per_level=4, eval_per_level=2, sim_budget_s=480.0, rollout_s=10.0, num_envs=8,
                       hidden=32, irsim_scenarios=1, gate_thresholds={"success_rate": ["min", 0.0]}),
         "cpu": dict(train_per_level=200, eval_per_level=50, sim_budget_s=100_000.0, irsim_scenarios=20,
                     gate_thresholds={"success_rate": ["min", 0.5]}),

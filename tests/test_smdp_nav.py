@@ -101,6 +101,7 @@ def test_scenario_validation_rejects_unreachable_goals_and_densities_out_of_rang
     assert report["invalid"] == {4: ["goal not reachable from the start"]}
 
 
+@pytest.mark.slow
 def test_dppo_learns_to_reach_goals_in_one_process(tmp_path, home):
     """A short adaptive SMDP run on easy scenarios: the training success rate rises well above a random policy's."""
     from distillery.papers.smdp_nav.policy import NavPolicy

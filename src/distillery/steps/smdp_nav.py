@@ -81,12 +81,14 @@ def evaluate(*, dataset_dir: str, policy_dirs: dict[str, str], irsim_scenarios: 
     success_rate is the adaptive SMDP policy's; the comparisons the issue asks for are returned beside it."""
     import mlflow
     import numpy as np
+    import torch
 
     from distillery.papers.smdp_nav import evaluate as ev
     from distillery.papers.smdp_nav import scenarios as S
     from distillery.papers.smdp_nav.policy import NavPolicy
     from distillery.platform import tracking
 
+    torch.set_num_threads(1)  # batch-of-one MLP calls between simulator steps
     arrays, _ = S.load(Path(dataset_dir) / "eval")
     levels = [str(x) for x in arrays["levels"]]
     policies = {name: NavPolicy(Path(p)) for name, p in policy_dirs.items()}

@@ -42,6 +42,10 @@ def train_policy(scenarios: dict, out_dir: Path, nav: NavConfig, ppo: PPOConfig,
         raise ValueError(f"need 0 < gamma <= 1, sim_budget_s > 0 and rollout_s >= tau_max ({nav.tau_max} s); got "
                          f"{gamma}, {sim_budget_s}, {rollout_s}")
     fabric = make_fabric()
+    if fabric.device.type == "cpu":
+        # A small MLP stepped between numpy simulator calls: intra-op threads only spin against the simulator and
+        # the other workers (several times slower on a busy machine).
+        torch.set_num_threads(1)
     torch.manual_seed(seed)
     net = ActorCritic(nav.obs_dim, nav.act_dim, ppo.hidden, ppo.init_log_std)
     model, opt = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=ppo.lr, eps=1e-5))
