@@ -131,3 +131,15 @@ def test_dppo_on_two_processes_ends_with_equal_weights(tmp_path):
     assert (r0["weights"], r0["optimizer"]) == (r1["weights"], r1["optimizer"]), "the ranks ended apart"
     assert r0["sim_seconds"] == r1["sim_seconds"] >= 240
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_pipeline_parameters_are_checked_before_any_step_runs():
+    from pipelines import registry
+    from pipelines.params import ParameterError, resolve
+
+    func = registry()["smdp-nav"]
+    assert resolve("smdp-nav", func, "smoke", {})["fixed_tau_short"] == 0.1
+    with pytest.raises(ParameterError, match="fixed_tau_short < fixed_tau_mid"):
+        resolve("smdp-nav", func, "cpu", {"fixed_tau_short": 0.5, "fixed_tau_mid": 0.3})
+    with pytest.raises(ParameterError, match="min_density"):
+        resolve("smdp-nav", func, "cpu", {"min_density": 0.3, "max_density": 0.2})

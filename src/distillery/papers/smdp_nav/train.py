@@ -5,6 +5,7 @@ NavConfig's fixed_tau; SMDP advantage, which for a constant duration is ordinary
 gets the same budget of simulated time: an iteration collects decisions until this rank's environments have
 together lived `rollout_s` simulated seconds each, and the number of iterations is the budget divided by that.
 A resumed run restores the network, optimizer and random states; the environments restart their episodes.
+An episode that reaches the time limit ends without a bootstrap (CleanRL's simplification; at 40 s it is rare).
 """
 
 from __future__ import annotations
