@@ -105,12 +105,17 @@ def scott(
     def distill_and_release(teacher):
         """Per-method sweeps -> three students -> evaluation -> the winner gated, registered, deployed."""
         methods = ("cd-ode", "scott", "scott-adv")
+
+        def adversary(method: str) -> str:
+            # Only SCott+adv has a discriminator: the others keep the default, so their steps stay cached when an
+            # ablation run changes it.
+            return discriminator if method == "scott-adv" else "teacher"
         with dsl.ParallelFor(items=sweep_workers, parallelism=4) as worker:
             trials = {m: sweep_worker(teacher=teacher, dataset=dataset, feature_net=feature_net.outputs["feature_net"],
                                       method=m, worker=worker, n_trials=trials_per_worker, search_space=search_space,
                                       trial_steps=trial_steps, trial_rungs=trial_rungs, batch_size=distill_batch_size,
                                       solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
-                                      discriminator=discriminator, eval_per_class=sweep_eval_per_class, seed=seed,
+                                      discriminator=adversary(m), eval_per_class=sweep_eval_per_class, seed=seed,
                                       **t).set_display_name(f"sweep-{m}") for m in methods}
         students = {}
         for m in methods:
@@ -120,7 +125,7 @@ def scott(
                                   batch_size=distill_batch_size, lr=best.outputs["lr"],
                                   noise_strength=best.outputs["noise_strength"], adv_weight=best.outputs["adv_weight"],
                                   solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
-                                  discriminator=discriminator, seed=seed, **t).set_display_name(f"distill-{m}")
+                                  discriminator=adversary(m), seed=seed, **t).set_display_name(f"distill-{m}")
         evaluation = evaluate_students(teacher=teacher, cd_ode=students["cd-ode"].outputs["student"],
                                        scott=students["scott"].outputs["student"],
                                        scott_adv=students["scott-adv"].outputs["student"], dataset=dataset,

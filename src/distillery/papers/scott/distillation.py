@@ -60,10 +60,11 @@ class DistillConfig:
 
     def effective(self) -> "DistillConfig":
         """The method decides which parts are on: CD-ODE is one deterministic DDIM step and no adversary."""
+        no_adversary = dict(adv_weight=0.0, discriminator=DistillConfig.discriminator)
         if self.method == "cd-ode":
-            return replace(self, noise_strength=0.0, solver_substeps=1, adv_weight=0.0)
+            return replace(self, noise_strength=0.0, solver_substeps=1, **no_adversary)
         if self.method == "scott":
-            return replace(self, adv_weight=0.0)
+            return replace(self, **no_adversary)
         return self
 
     def check(self, num_train_timesteps: int = 1000) -> "DistillConfig":
