@@ -297,9 +297,10 @@ def test_a_longer_run_continues_a_shorter_runs_checkpoint(teacher_dir, dataset, 
         scott.distill(teacher_dir, dataset, tmp_path / "x", replace(cfg, lr=1e-3), checkpoint_dir=tmp_path / "b")
 
 
-def test_each_method_tunes_its_own_knobs_and_gets_its_own_best():
+def test_each_method_tunes_its_own_knobs_and_gets_its_own_best(home):
     import optuna
 
+    from distillery.platform import tracking
     from distillery.steps import scott as steps
 
     space = {"noise_strength": [0.0, 1.0], "adv_weight": [0.01, 0.5], "lr": [1e-5, 1e-3]}
@@ -311,9 +312,7 @@ def test_each_method_tunes_its_own_knobs_and_gets_its_own_best():
                "scott": [{"best_value": 3.0, "best_params": {"lr": 2e-4, "noise_strength": 0.4}},
                          json.dumps({"best_value": None, "best_params": {}})],  # a worker whose trials were all pruned
                "scott-adv": [{"best_value": 6.0, "best_params": {"lr": 5e-5, "noise_strength": 0.7, "adv_weight": 0.2}}]}
-    import mlflow
-
-    with mlflow.start_run():
+    with tracking.step_run("scott", "select-best", kfp_run_id="k"):
         best = {m: steps.select_best(results=r, method=m) for m, r in reports.items()}
     assert best["cd-ode"] == {"best_value": 4.0, "lr": 3e-4, "noise_strength": 0.0, "adv_weight": 0.0}
     assert best["scott"] == {"best_value": 3.0, "lr": 2e-4, "noise_strength": 0.4, "adv_weight": 0.0}
