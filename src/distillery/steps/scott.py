@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
+from distillery.settings import get_settings
 
 SEARCH_SPACE = ("noise_strength", "adv_weight", "lr")
 # What each method tunes; the rest is fixed by the method (DistillConfig.effective: CD-ODE has no solver noise
@@ -57,6 +58,9 @@ def sweep_worker(*, teacher_dir: str, dataset_dir: str, feature_net_dir: str, st
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if get_settings().devices > 1:  # every rank would propose its own trial inside one DDP run
+        raise ValueError("a sweep worker runs in one process: scale a sweep with more workers (sweep_workers), "
+                         "not DISTILLERY_DEVICES > 1")
     check_search_space(search_space)
     schedule = sweeps.rungs(trial_steps, trial_rungs, REDUCTION_FACTOR)
     ds = load_dataset(dataset_dir)
