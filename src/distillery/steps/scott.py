@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
 from distillery.settings import get_settings
+from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
 
 SEARCH_SPACE = ("noise_strength", "adv_weight", "lr")
 # What each method tunes; the rest is fixed by the method (DistillConfig.effective: CD-ODE has no solver noise
