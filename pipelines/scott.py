@@ -13,7 +13,7 @@ same held-out prompts and seeds, and the student with the best 2-step FD is gate
 from kfp import dsl
 from kfp.dsl import Model
 
-from components.common import deploy, gate, register, validate_image_captions
+from components.common import deploy, finish_run, gate, register, validate_image_captions
 from components.scott import distill, evaluate_students, select_best, sweep_worker
 from components.tiny_sd import prepare_image_captions, train_feature_net, train_unet, train_vae
 from distillery.platform.pods import configure_pipeline_tasks
@@ -96,12 +96,6 @@ def scott(
         seed: Random seed of every step.
     """
     t = tracking_args("scott")
-    data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
-                                  holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
-    checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
-    dataset = data.outputs["dataset"]
-    feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
-
     def distill_and_release(teacher):
         """Per-method sweeps -> three students -> evaluation -> the winner gated, registered, deployed."""
         methods = ("cd-ode", "scott", "scott-adv")
@@ -140,14 +134,22 @@ def scott(
             deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
                    **t).set_caching_options(False)
 
-    # The same downstream DAG in both branches: the local runner cannot merge branch outputs (dsl.OneOf).
-    with dsl.If(teacher_uri == "", name="train-teacher"):
-        vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed,
-                        **t).after(checked)
-        unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
-                          lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
-        distill_and_release(unet.outputs["model"])
-    with dsl.Else(name="import-teacher"):
-        imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False).after(checked)
-        distill_and_release(imported.output)
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
+                                      holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
+        checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
+        dataset = data.outputs["dataset"]
+        feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
+
+        # The same downstream DAG in both branches: the local runner cannot merge branch outputs (dsl.OneOf).
+        with dsl.If(teacher_uri == "", name="train-teacher"):
+            vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed,
+                            **t).after(checked)
+            unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
+                              lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
+            distill_and_release(unet.outputs["model"])
+        with dsl.Else(name="import-teacher"):
+            imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False).after(checked)
+            distill_and_release(imported.output)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)
