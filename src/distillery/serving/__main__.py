@@ -16,10 +16,16 @@ def main() -> None:
     ap.add_argument("--kind", default="auto", help="Predictor kind (text-to-image, policy); auto reads the model folder.")
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1", help="Bind address; 0.0.0.0 only inside a pod.")
+    ap.add_argument("--grpc-port", type=int, default=8081, help="V2 gRPC port; 0 turns gRPC off.")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="How long the first request of a batch waits for compatible ones (0: no waiting).")
+    ap.add_argument("--max-queue", type=int, default=32,
+                    help="Requests allowed to wait; beyond it the answer is 503 with Retry-After at once.")
     opts, _ = ap.parse_known_args()  # KServe's own flags (e.g. --workers) pass through
     logging.basicConfig(level=logging.INFO)
-    serve(opts.model_dir, opts.model_name, opts.kind, opts.http_port, opts.host, opts.max_body_bytes)
+    serve(opts.model_dir, opts.model_name, opts.kind, opts.http_port, opts.host, opts.max_body_bytes,
+          grpc_port=opts.grpc_port or None, batch_window_ms=opts.batch_window_ms, max_queue=opts.max_queue)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillery.models import tiny_sd
-from distillery.models.files import share_readable
+from distillery.models.files import seal
 from distillery.models.training import resumable_loop, single_process_fabric
 
 METHODS = ("cd-ode", "scott", "scott-adv")
@@ -301,6 +301,6 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
     (out / "distillery.json").write_text(json.dumps({
         "kind": "text-to-image", "default_steps": 2, "max_steps": max_steps, "default_guidance": 1.0,
         "max_guidance": 1.0, "resolution": size, "method": cfg.method, "distilled_guidance_scale": cfg.guidance_scale}))
-    share_readable(out)
+    seal(out)
     return {**{k.replace(f"{cfg.method}_", "distill_"): v for k, v in metrics.items()},
             "noise_strength": cfg.noise_strength, "adv_weight": cfg.adv_weight}
