@@ -149,6 +149,7 @@ class PolicyModel(ServedModel):
         actions = await self._act(obs, tasks, seeds, headers)
         binary = True if request.from_grpc else request.use_binary_outputs
         out = kserve.InferOutput(name="actions", datatype="FP32", shape=list(actions.shape),
-                                 data=actions.astype(np.float32))
+                                 data=actions.astype(np.float32).reshape(-1).tolist() if request.from_grpc
+                                 else actions.astype(np.float32))  # KServe's to_grpc takes a list
         return kserve.InferResponse(model_name=self.name, infer_outputs=[out], response_id=request.id or "",
                                     use_binary_outputs=binary, requested_outputs=request.request_outputs)

@@ -44,7 +44,8 @@ class RequestLimits:
 
     A body with the binary tensor extension (`Inference-Header-Content-Length: N`) is checked as N bytes of JSON
     followed by the raw tensors. A form content type (curl's default for `-d`) on a body that is JSON is taken as
-    JSON, so `curl -d '{...}'` works without `-H 'Content-Type: application/json'`."""
+    JSON, so `curl -d '{...}'` works without `-H 'Content-Type: application/json'`; so is a body without a content
+    type (tritonclient's JSON requests)."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -75,7 +76,7 @@ class RequestLimits:
             error = _json_error(body[:int(binary)])
         elif content_type in (b"application/json", b"application/x-www-form-urlencoded"):
             error = _json_error(body)
-            if error is None and content_type != b"application/json":
+            if error is None and headers.get(b"content-type") != b"application/json":  # FastAPI parses only JSON
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                          + [(b"content-type", b"application/json")]}
         else:

@@ -63,6 +63,10 @@ class TextToImageModel(ServedModel):
                                                             use_safetensors=True)
         # A GPU when the pod has one; seeds stay portable because generators live on the CPU.
         self.pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            # oneDNN picks convolution kernels by batch size; torch's own convolutions keep a batched image closer
+            # to the unbatched one (GEMMs still round differently: at most a grey level here).
+            torch.backends.mkldnn.enabled = False
         self.pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
@@ -187,7 +191,9 @@ class TextToImageModel(ServedModel):
         pngs = await self._generate(req, headers)
         binary = True if request.from_grpc else bool(requested[0].binary_data) if requested \
             else request.use_binary_outputs
-        if binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them), or gRPC's bytes
+        if request.from_grpc:  # KServe's to_grpc takes a list (a numpy array fails its truth test)
+            data, content_type = list(pngs), "image/png"
+        elif binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them)
             data, content_type = np.array(pngs, dtype=np.object_), "image/png"
         else:
             data, content_type = [base64.b64encode(p).decode() for p in pngs], "image/png;base64"
