@@ -289,3 +289,90 @@ def test_policy_over_tritonclient_rest_binary_json_and_grpc(policy_server):
     inputs[1]["data"] = ["fly-v3", "push-v3"]
     bad = _grpc(grpc_port, "mode", inputs=inputs)
     assert bad["error"].startswith("StatusCode.INVALID_ARGUMENT") and "unknown task" in bad["error"], bad
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=4), max_leaves=12)
+DATATYPES = st.sampled_from(["BYTES", "FP32", "FP64", "FP16", "INT32", "INT64", "UINT8", "BOOL", "fp32", "X"])
+
+
+def _v1_bodies(fields: dict):
+    instance = st.fixed_dictionaries({}, optional={k: v | JSON_VALUES for k, v in fields.items()})
+    return st.one_of(JSON_VALUES.map(lambda v: {"instances": v}), st.builds(lambda i: {"instances": i},
+                     st.lists(instance | JSON_VALUES, max_size=10)), JSON_VALUES)
+
+
+def _v2_bodies(names: list[str]):
+    tensor = st.fixed_dictionaries({"name": st.sampled_from(names) | st.text(max_size=6), "datatype": DATATYPES,
+                                    "shape": st.lists(st.integers(-2, 12) | st.integers(), max_size=4),
+                                    "data": st.lists(st.floats(width=32) | st.integers(-5, 40) | st.text(max_size=8),
+                                                     max_size=90) | JSON_VALUES})
+    outputs = st.lists(st.fixed_dictionaries({"name": st.text(max_size=8)},
+                                             optional={"parameters": st.dictionaries(st.text(max_size=8), JSON_VALUES)}),
+                       max_size=2)
+    return st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=4) | JSON_VALUES},
+                                 optional={"parameters": st.dictionaries(st.sampled_from(["seed", "steps", "guidance",
+                                           "binary_data_output", "x"]), JSON_VALUES, max_size=3),
+                                           "outputs": outputs, "id": JSON_VALUES})
+
+
+HEADERS = st.fixed_dictionaries({}, optional={
+    "Content-Type": st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain",
+                                     "application/octet-stream", "application/cloudevents+json", "application/json; x"]),
+    "Inference-Header-Content-Length": st.integers(-5, 5000).map(str) | st.text(max_size=5),
+    "x-request-timeout": st.sampled_from(["30", "-1", "nan", "inf", "abc", "0"]),
+    "ce-specversion": st.just("1.0")})
+
+
+def _fuzz(url: str, path: str, body, headers: dict, raw: bytes | None) -> None:
+    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {k: v.encode("ascii", "replace").decode() for k, v in headers.items()}
+    r = requests.post(url + path, data=data, headers=headers, timeout=120)
+    declared = r.status_code == 504 and "x-request-timeout" in headers
+    assert r.status_code < 500 or declared, (r.status_code, r.text[:500], body if raw is None else raw[:200], headers)
+
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SD_FIELDS = {"prompt": st.text(max_size=30), "steps": st.integers(-3, 25), "guidance": st.floats(-2, 30),
+             "seed": st.integers(-3, 2**64), "negative_prompt": st.text(max_size=10)}
+
+
+@FUZZ
+@given(v1=_v1_bodies(SD_FIELDS), v2=_v2_bodies(["prompt", "steps", "guidance", "seed", "negative_prompt"]),
+       headers=HEADERS, raw=st.none() | st.binary(max_size=3000), which=st.booleans())
+def test_fuzz_text_to_image_answers_4xx_never_5xx(sd, v1, v2, headers, raw, which):
+    url = sd[0]
+    _fuzz(url, "/v1/models/tiny-sd:predict" if which else "/v2/models/tiny-sd/infer", v1 if which else v2, headers,
+          raw)
+
+
+def test_text_to_image_still_serves_after_fuzzing(sd):
+    assert requests.get(f"{sd[0]}/v2/health/ready", timeout=10).status_code == 200
+    assert len(_v1_pngs(sd[0], ["x"], steps=1)) == 1
+
+
+POLICY_FIELDS = {"task": st.sampled_from(["push-v3", "reach-v3", "open the door", "fly"]) | st.text(max_size=8),
+                 "observations": st.lists(st.lists(st.floats(width=32), min_size=39, max_size=39), min_size=1,
+                                          max_size=3), "seed": st.integers(-3, 2**64)}
+
+
+@FUZZ
+@given(v1=_v1_bodies(POLICY_FIELDS), v2=_v2_bodies(["observations", "task", "seed"]), headers=HEADERS,
+       raw=st.none() | st.binary(max_size=3000), which=st.booleans())
+def test_fuzz_policy_answers_4xx_never_5xx(policy_server, v1, v2, headers, raw, which):
+    url = policy_server[0]
+    _fuzz(url, "/v1/models/mode:predict" if which else "/v2/models/mode/infer", v1 if which else v2, headers, raw)
+
+
+def test_policy_still_serves_after_fuzzing(policy_server):
+    url = policy_server[0]
+    assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+    r = requests.post(f"{url}/v1/models/mode:predict", timeout=60,
+                      json={"instances": [{"task": "reach-v3", "observations": [[0.0] * 39] * 2}]})
+    assert r.status_code == 200, r.text

@@ -279,6 +279,8 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
             grpc_server.aio = SimpleNamespace(server=on_host)
             try:
                 await super().start(max_workers)
+            except RuntimeError as e:  # the port is taken: REST keeps serving rather than the process exiting
+                log.error("V2 gRPC is off: cannot listen on %s:%d (%s)", host, self._port, e)
             finally:
                 grpc_server.aio = aio
 
