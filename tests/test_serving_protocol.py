@@ -376,3 +376,22 @@ def test_policy_still_serves_after_fuzzing(policy_server):
     r = requests.post(f"{url}/v1/models/mode:predict", timeout=60,
                       json={"instances": [{"task": "reach-v3", "observations": [[0.0] * 39] * 2}]})
     assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+@pytest.mark.slow
+def test_bounded_load_no_5xx_but_declared_503s_and_no_mixed_up_answers(sd, policy_server):
+    """bench/load.py for a few seconds per endpoint, at and above the queue bound."""
+    sys.path.insert(0, str(README.parent / "bench"))
+    import load
+
+    endpoints = [(sd[0], ep) for ep in load.text_to_image_endpoints("tiny-sd", steps=2, n_keys=3)]
+    endpoints += [(policy_server[0], ep) for ep in load.policy_endpoints("mode", 2, 39, n_keys=3)]
+    for url, ep in endpoints:
+        load.record(url, ep)
+        for clients in (8, 24):
+            row = load.run_load(url, ep, clients, seconds=3)
+            assert row["ok"] > 0 and row["other_5xx"] == row["503_without_retry_after"] == 0, row
+            assert row["mismatched"] == row["errors"] == 0, row
