@@ -233,7 +233,7 @@ def test_a_fatal_model_error_turns_readiness_false(sd_dir):
 
 
 def test_readme_examples_run_as_printed(sd):
-    """Every `curl` example of the README's serving section, run by bash as printed (only the port differs)."""
+    """Every `curl` and tritonclient example of the README, run as printed (only the port differs)."""
     url, _, _ = sd
     text = README.read_text()
     blocks = re.findall(r"```bash\n(curl .*?)```", text, flags=re.S)
@@ -244,6 +244,13 @@ def test_readme_examples_run_as_printed(sd):
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         assert "predictions" in answer or "outputs" in answer, out.stdout[:300]
+    clients = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "tritonclient" in b]
+    assert clients, "no tritonclient example in the README"
+    for block in clients:
+        code = block.replace("localhost:8080", url.removeprefix("http://"))
+        check = "\nassert png[:8] == b'\\x89PNG\\r\\n\\x1a\\n', png[:20]\nprint('ok')\n"
+        out = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------- policy

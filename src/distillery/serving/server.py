@@ -226,10 +226,10 @@ def _kinds() -> dict:
 
 def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host: str = "127.0.0.1",
           max_body_bytes: int = 1 << 20, grpc_port: int | None = 8081, batch_window_ms: float = 10.0,
-          max_queue: int = 32) -> None:
+          max_queue: int = 32, after: threading.Thread | None = None) -> None:
     """Serve a model folder until interrupted: V1 and V2 REST on `port`, V2 gRPC on `grpc_port` (None: off),
     /metrics. The folder is checked before the server starts and loaded while it starts; readiness turns true
-    once it is loaded. kind "auto" reads the folder."""
+    once it is loaded. kind "auto" reads the folder. `after`: a thread to wait for before loading."""
     import kserve.model_server as ms
     import kserve.protocol.grpc.server as grpc_server
     import kserve.protocol.rest.server as rest
@@ -244,6 +244,8 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
 
     def load_in_background():
         try:
+            if after is not None:
+                after.join()  # imports the model's libraries; loading alongside it could race them
             model.load()
             log.info("model %s (%s) is ready", name, kind)
         except Exception:  # noqa: BLE001 - logged; readiness stays false, liveness true
