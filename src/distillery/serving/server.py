@@ -137,6 +137,7 @@ class ServedModel(kserve.Model):
     max_items = 8  # items (prompts, observation histories) one model call takes
 
     def __init__(self, name: str, model_dir: Path, *, batch_window_s: float = 0.01, max_queue: int = 32):
+        # A kind is built as factory(name, model_dir); serve() sets the batching options afterwards.
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.batch_window_s, self.max_queue = batch_window_s, max_queue
@@ -239,8 +240,10 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
         kind = detect_kind(model_dir)
     if kind not in kinds:
         raise ValueError(f"unknown predictor kind {kind!r}; available: {sorted(kinds)}")
-    model = kinds[kind](name, Path(model_dir), batch_window_s=batch_window_ms / 1000, max_queue=max_queue)
-    model.check()
+    model = kinds[kind](name, Path(model_dir))
+    if isinstance(model, ServedModel):
+        model.batch_window_s, model.max_queue = batch_window_ms / 1000, max_queue
+        model.check()
 
     def load_in_background():
         try:
