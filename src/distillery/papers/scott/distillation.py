@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from distillery.models import tiny_sd
-from distillery.models.files import share_readable
+from distillery.models.files import seal
 from distillery.models.training import all_reduce_gradients, make_fabric, resumable_loop
 from distillery.papers.scott.discriminator import DISCRIMINATORS, adversarial_losses, make_discriminator
 
@@ -295,7 +295,7 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
             "kind": "text-to-image", "default_steps": 2, "max_steps": max_steps, "default_guidance": 1.0,
             "max_guidance": 1.0, "resolution": size, "method": cfg.method,
             "distilled_guidance_scale": cfg.guidance_scale}))
-        share_readable(out)
+        seal(out)
     fabric.barrier()
     return {**{k.replace(f"{cfg.method}_", "distill_"): v for k, v in metrics.items()},
             "noise_strength": cfg.noise_strength, "adv_weight": cfg.adv_weight}
