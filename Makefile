@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run      bootstrap, then run the tiny-sd pipeline (smoke profile) locally"
-	@echo "make test     bootstrap, start the test servers, run every test"
+	@echo "make test     bootstrap, build the image, start the test servers, run every test"
 	@echo "make image    build the project image with podman (CPU; tagged by a hash of its inputs)"
 	@echo "make compile  KFP IR YAML for every pipeline under build/pipelines"
 	@echo "make bench    benchmarks (bench/), results under bench/results"
@@ -41,7 +41,7 @@ run: data
 compile: $(STAMP)
 	$(VENV)/bin/distillery compile --out build/pipelines
 
-test: data services
+test: data services image
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 bench: data

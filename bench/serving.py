@@ -44,7 +44,7 @@ def start_server(model_dir: Path, name: str) -> tuple[subprocess.Popen, str, flo
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
-                               "--model-name", name, "--http-port", str(port)],
+                               "--model-name", name, "--http-port", str(port), "--grpc-port", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
