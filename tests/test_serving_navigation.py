@@ -87,3 +87,20 @@ def test_an_irsim_episode_through_the_endpoint(server, policy_dir):
 
     ep = irsim_eval.episode(NavConfig(), seed=3, act=act)
     assert ep["decisions"] == len(calls) >= 1 and (ep["arrived"] or ep["collided"] or ep["time"] >= 40.0 - 1e-6)
+
+
+def test_v2_binary_tensors_as_a_third_party_client_sends_them(server):
+    """tritonclient over REST with binary tensor data in and out: the same command as the JSON V1 request."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.removeprefix("http://"), network_timeout=60)
+    inputs = []
+    for name, value in (("scan", [_instance()["scan"]]), ("goal", [[3.0, 0.4]]), ("velocity", [[0.2, 0.0]])):
+        x = httpclient.InferInput(name, [1, len(value[0])], "FP32")
+        x.set_data_from_numpy(np.array(value, np.float32), binary_data=True)
+        inputs.append(x)
+    out = client.infer("nav", inputs, outputs=[httpclient.InferRequestedOutput("command", binary_data=True)])
+    got = out.as_numpy("command")
+    p = requests.post(f"{server}/v1/models/nav:predict", json={"instances": [_instance()]}, timeout=30).json()
+    assert got.shape == (1, 3) and got[0] == pytest.approx([p["predictions"][0][k] for k in ("v", "w", "duration")],
+                                                           abs=1e-5)
