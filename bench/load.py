@@ -18,7 +18,6 @@ import base64
 import io
 import json
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import requests
 
+from _common import free_port, pct
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
 @dataclass
