@@ -33,7 +33,6 @@ import requests
 from _common import free_port, pct
 
 
-
 @dataclass
 class Endpoint:
     """One route and how to make, read and compare its requests. `body(key)` -> JSON; `read(json)` -> answer."""
