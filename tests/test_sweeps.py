@@ -135,3 +135,12 @@ def test_clear_errors(home):
         sweeps.best_params("b")
     with pytest.raises(ValueError, match="needs an active step run"):
         sweeps.run_worker("a", lambda t: 0.0, n_trials=1, direction="maximize")
+
+
+def test_a_postgresql_url_without_a_driver_gets_the_shipped_one():
+    from distillery.platform.sweeps import with_driver
+
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the project does not ship.
+    assert with_driver("postgresql://u:p@db:5432/optuna") == "postgresql+psycopg2://u:p@db:5432/optuna"
+    for kept in ("postgresql+psycopg2://u:p@db/optuna", "sqlite:///x.db", "mysql://u@h/d"):
+        assert with_driver(kept) == kept

@@ -67,7 +67,7 @@ def cluster_like(tmp_path, image, docker_api, postgres_server, s3, mlflow_server
     root.mkdir()
     root.chmod(0o777)  # the one shared folder; the containers write it as uid 1000
     optuna = postgres_server.create_database(f"optuna_ct_{os.getpid()}_{time.time_ns() % 10**6}",
-                                             driver="postgresql")
+                                             driver="postgresql")  # no driver named: the pods must cope
     env = _pod_env(tmp_path,
                    {"DISTILLERY_TRACKING_URI": mlflow_server.url,
                     "DISTILLERY_ARTIFACT_LOCATION": f"s3://{s3.bucket}/artifacts",
@@ -161,5 +161,7 @@ def test_scott_smoke_runs_in_containers_with_workers_sharing_one_postgres_study(
                                                  "evaluate", "gate", "register", "deploy"}, image, s3)
     # Both workers of each method, each in its own container, wrote their trials into that method's one study on
     # PostgreSQL.
-    studies = optuna.get_all_study_summaries(env["DISTILLERY_OPTUNA_STORAGE"])
+    from distillery.platform.sweeps import storage
+
+    studies = optuna.get_all_study_summaries(storage(env["DISTILLERY_OPTUNA_STORAGE"]))
     assert len(studies) == 3 and all(s.n_trials == 2 for s in studies), [(s.study_name, s.n_trials) for s in studies]

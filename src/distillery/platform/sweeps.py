@@ -78,6 +78,12 @@ def _storage_class():
     return ReconnectingRDBStorage
 
 
+def with_driver(url: str) -> str:
+    """A PostgreSQL URL without a driver gets psycopg2, the one the project ships: SQLAlchemy 2.1 would pick
+    psycopg 3 for `postgresql://` and fail with "Failed to import DB access module"."""
+    return "postgresql+psycopg2://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
 def storage(url: str | None = None):
     """The RDB storage at `url` (default: settings.optuna_storage_url), with heartbeats (a trial whose worker died
     is failed after settings.sweep_grace_s and retried) and reconnection on a lost database connection."""
@@ -85,7 +91,7 @@ def storage(url: str | None = None):
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     s = get_settings()
-    url = url or s.optuna_storage_url
+    url = with_driver(url or s.optuna_storage_url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}  # a pooled connection from before a restart is replaced
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # workers in other processes hold the write lock briefly
