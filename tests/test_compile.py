@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 
-PIPELINES = ("tiny-sd", "scott", "mode")
+PIPELINES = ("tiny-sd", "scott", "mode", "hybrid-sd")
 
 
 def _compile(name: str, profile: str, out) -> tuple[dict, dict]:
