@@ -95,3 +95,11 @@ def production(monkeypatch, s3_env, s3, mlflow_server):
     while mlflow.active_run():  # a failed test must not leave a run of the server active for the next test
         mlflow.end_run("FAILED")
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The project image (`make image`; rebuilt only when its inputs changed)."""
+    from integration.containers import build_image
+
+    return build_image()
