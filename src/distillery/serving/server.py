@@ -96,6 +96,7 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
     import kserve.protocol.rest.server as rest
     from kserve.errors import InvalidInput
 
+    import distillery.serving.hybrid  # noqa: F401 - registers its kinds
     import distillery.serving.policy  # noqa: F401 - registers its kind
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 

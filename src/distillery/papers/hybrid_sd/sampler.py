@@ -38,35 +38,48 @@ def initial_latents(pipe, seeds: list[int], size: int | None = None) -> torch.Te
 
 @dataclass
 class SchedulerState:
-    """Where a trajectory stands: the next step's index and the multistep solver's history."""
+    """Where a trajectory stands: the next step's index and, for a multistep solver, the model outputs of the last
+    steps it still needs (newest last; fewer than its order right after the start) and its lower-order count."""
 
     step_index: int
     lower_order_nums: int = 0
-    model_outputs: torch.Tensor | None = None  # (order, B, C, H, W); a slot never filled is NaN
+    model_outputs: torch.Tensor | None = None  # (filled, B, C, H, W)
 
     @classmethod
     def capture(cls, scheduler, step: int) -> "SchedulerState":
-        outputs = getattr(scheduler, "model_outputs", None)
-        stacked = None
-        if outputs is not None:
-            ref = next((o for o in outputs if o is not None), None)
-            if ref is not None:
-                stacked = torch.stack([o if o is not None else torch.full_like(ref, float("nan")) for o in outputs])
-        return cls(step, int(getattr(scheduler, "lower_order_nums", 0)), stacked)
+        outputs = [o for o in getattr(scheduler, "model_outputs", None) or [] if o is not None]
+        return cls(step, int(getattr(scheduler, "lower_order_nums", 0)), torch.stack(outputs) if outputs else None)
 
-    def restore(self, scheduler, batch: int) -> None:
+    def check(self, scheduler, steps: int, latents: torch.Tensor) -> None:
+        """Refuse a state this scheduler cannot continue from (a clear message, before any UNet runs)."""
+        if not 0 <= self.step_index <= steps:
+            raise ValueError(f"step_index must lie in [0, {steps}], got {self.step_index}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values")
+        slots = len(getattr(scheduler, "model_outputs", []) or [])
+        filled = 0 if self.model_outputs is None else self.model_outputs.shape[0]
+        if filled > slots:
+            raise ValueError(f"{type(scheduler).__name__} keeps {slots} model outputs, the state carries {filled}")
+        if slots and self.step_index > 0 and filled != min(self.step_index, slots):
+            raise ValueError(f"after {self.step_index} steps the solver holds {min(self.step_index, slots)} model "
+                             f"outputs, the state carries {filled}")
+        if filled:
+            if tuple(self.model_outputs.shape[1:]) != tuple(latents.shape):
+                raise ValueError(f"model_outputs must be (n, {', '.join(map(str, latents.shape))}) like the latents, "
+                                 f"got {tuple(self.model_outputs.shape)}")
+            if not torch.isfinite(self.model_outputs).all():
+                raise ValueError("model_outputs contain NaN or infinite values")
+        if not 0 <= self.lower_order_nums <= max(slots, 0):
+            raise ValueError(f"lower_order_nums must lie in [0, {slots}], got {self.lower_order_nums}")
+
+    def restore(self, scheduler) -> None:
         if self.step_index == 0:
             return  # a fresh trajectory: set_timesteps already reset the scheduler
-        if not hasattr(scheduler, "model_outputs"):
-            scheduler._step_index = self.step_index
-            return
-        if self.model_outputs is None or self.model_outputs.shape[0] != len(scheduler.model_outputs):
-            raise ValueError(f"{type(scheduler).__name__} keeps {len(scheduler.model_outputs)} model outputs; the "
-                             f"state carries {None if self.model_outputs is None else self.model_outputs.shape[0]}")
-        if self.model_outputs.shape[1] != batch:
-            raise ValueError(f"the state holds {self.model_outputs.shape[1]} samples, the latents {batch}")
-        scheduler.model_outputs = [None if torch.isnan(o).all() else o.clone() for o in self.model_outputs]
-        scheduler.lower_order_nums = self.lower_order_nums
+        if hasattr(scheduler, "model_outputs"):
+            slots = len(scheduler.model_outputs)
+            filled = [] if self.model_outputs is None else [o.clone() for o in self.model_outputs]
+            scheduler.model_outputs = [None] * (slots - len(filled)) + filled
+            scheduler.lower_order_nums = self.lower_order_nums
         scheduler._step_index = self.step_index
 
 
@@ -113,9 +126,9 @@ def run_first(pipe, unet, prompts: list[str], seeds: list[int], *, steps: int, k
 def run_rest(pipe, unet, prompts: list[str], latents: torch.Tensor, state: SchedulerState, *, steps: int,
              guidance_scale: float) -> torch.Tensor:
     """Steps k..N from the latents and scheduler state another process handed over (the edge's part)."""
-    check_split(steps, state.step_index)
     scheduler = fresh_scheduler(pipe, steps)
-    state.restore(scheduler, latents.shape[0])
+    state.check(scheduler, steps, latents)
+    state.restore(scheduler)
     embeddings = prompt_embeddings(pipe, prompts, guidance_scale)
     return denoise(unet, scheduler, latents, embeddings, guidance_scale, state.step_index, steps)
 
