@@ -174,9 +174,9 @@ class EdgeModel(_HybridModel):
             raise InvalidInput(f"'latents' must have shape {[len(prompts), *self.latent_shape]} (one per prompt), "
                                f"got {list(latents.shape)}")
         history = _tensor(by_name, "model_outputs", "FP32", 5)
-        steps = _int(_tensor(by_name, "steps", "INT64", 1)[0], "steps", 1, 200)
-        step_index = _int(_tensor(by_name, "step_index", "INT64", 1)[0], "step_index", 0, steps)
-        lower = _int(_tensor(by_name, "lower_order_nums", "INT64", 1)[0], "lower_order_nums", 0, 16)
+        steps = _int(_tensor(by_name, "steps", "INT64", 1)[0].item(), "steps", 1, 200)
+        step_index = _int(_tensor(by_name, "step_index", "INT64", 1)[0].item(), "step_index", 0, steps)
+        lower = _int(_tensor(by_name, "lower_order_nums", "INT64", 1)[0].item(), "lower_order_nums", 0, 16)
         guidance = float(_tensor(by_name, "guidance", "FP32", 1)[0])
         if not math.isclose(guidance, self.guidance, rel_tol=1e-6):
             raise InvalidInput(f"'guidance' {guidance} differs from this release's {self.guidance}: the two halves of "
