@@ -2,6 +2,7 @@
 released cloud + edge predictors timed end to end through their HTTP endpoints (bytes moved between them too).
 
     python bench/hybrid_sd.py [--profile cpu] [--set key=value ...] [--requests 5]
+    python bench/hybrid_sd.py --home DIR     # the measurements for a finished run (DIR: its DISTILLERY_HOME)
 
 Side by side (ours / baseline), at the released split k/N:
 hybrid (large->small) vs large only (cloud UNet FLOPs, FD), the small->large quality gap recovered, the pruned UNet
@@ -75,15 +76,24 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--home", type=Path, help="Read a finished run from this DISTILLERY_HOME instead of running one.")
     opts = ap.parse_args()
 
-    home = fresh_home(f"hybrid-sd-{opts.profile}")
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "distillery.cli", "run", "hybrid-sd", "--profile", opts.profile]
-    for s in opts.sets:
-        cmd += ["--set", s]
-    subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
-    pipeline_s = time.perf_counter() - t0
+    if opts.home:
+        from distillery.settings import get_settings
+
+        home = opts.home.resolve()
+        os.environ["DISTILLERY_HOME"] = str(home)
+        get_settings.cache_clear()
+        pipeline_s = float("nan")
+    else:
+        home = fresh_home(f"hybrid-sd-{opts.profile}")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "distillery.cli", "run", "hybrid-sd", "--profile", opts.profile]
+        for s in opts.sets:
+            cmd += ["--set", s]
+        subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
+        pipeline_s = time.perf_counter() - t0
 
     from mlflow import MlflowClient
 

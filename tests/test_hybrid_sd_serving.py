@@ -111,6 +111,15 @@ def test_cloud_then_edge_over_http_equals_one_process(release, servers):
                                   guidance_scale=GUIDANCE)
     assert float(np.abs(got - want.numpy()).max()) <= 1e-4
 
+    # `distillery edge`'s client: the cloud over HTTP, the rest in this process.
+    from distillery.serving.hybrid import edge_client
+
+    images, stats = edge_client(cloud_url, "hybrid-sd", release, PROMPTS, seed=7)
+    expected = sampler.decode(edge.vae, want)
+    assert images.shape == expected.shape == (2, 32, 32, 3)
+    assert int(np.abs(images.astype(int) - expected.astype(int)).max()) <= 1
+    assert stats["split"] == SPLIT and stats["bytes_from_cloud"] > 4 * 2 * 3 * 4 * 8 * 8
+
 
 def test_bad_requests_get_400(servers):
     cloud_url, edge_url = servers

@@ -199,3 +199,36 @@ class EdgeModel(_HybridModel):
         image = kserve.InferOutput(name="image", datatype="BYTES", shape=[len(pngs)], data=pngs,
                                    parameters={"content_type": "image/png;base64"})
         return [image, _fp32("latents", final.numpy())]
+
+
+def edge_client(cloud_url: str, model_name: str, release_dir: Path, prompts: list[str], seed: int = 0,
+                timeout: float = 300.0) -> tuple[np.ndarray, dict]:
+    """A local edge (what `distillery edge` runs): ask the cloud predictor for the first k steps, continue them here
+    with the release's small UNet and tiny VAE. Returns uint8 images and what moved: bytes and seconds."""
+    import time
+
+    import requests
+    import torch
+
+    from distillery.papers.hybrid_sd import sampler
+    from distillery.papers.hybrid_sd.release import load_config, load_edge
+
+    load_config(release_dir)
+    pipe = load_edge(release_dir)
+    t0 = time.perf_counter()
+    r = requests.post(f"{cloud_url.rstrip('/')}/v2/models/{model_name}/infer", timeout=timeout,
+                      json={"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [len(prompts)],
+                                        "data": list(prompts)}], "parameters": {"seed": int(seed)}})
+    if r.status_code != 200:
+        raise RuntimeError(f"the cloud predictor answered {r.status_code}: {r.text[:500]}")
+    t_cloud = time.perf_counter() - t0
+    out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+    history = torch.from_numpy(out["model_outputs"].astype(np.float32))
+    state = sampler.SchedulerState(int(out["step_index"][0]), int(out["lower_order_nums"][0]),
+                                   history if len(history) else None)
+    with torch.inference_mode():
+        final = sampler.run_rest(pipe, pipe.unet, list(prompts), torch.from_numpy(out["latents"].astype(np.float32)),
+                                 state, steps=int(out["steps"][0]), guidance_scale=float(out["guidance"][0]))
+        images = sampler.decode(pipe.vae, final)
+    return images, {"cloud_s": t_cloud, "total_s": time.perf_counter() - t0, "bytes_from_cloud": len(r.content),
+                    "split": state.step_index, "steps": int(out["steps"][0])}
