@@ -135,7 +135,7 @@ def distill_unet(teacher_dir: Path, student, dataset, cfg: KDConfig, *, checkpoi
         opt.step()
         for k, v in parts.items():
             terms.setdefault(k, []).append(float(v.detach()))
-        if on_log and fabric.is_global_zero and (step + 1) % log_every == 0:
+        if on_log and fabric.is_global_zero and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             on_log({k: sum(v[-log_every:]) / len(v[-log_every:]) for k, v in terms.items()}, step + 1)
         return {"loss": loss.item()}
 
@@ -255,7 +255,7 @@ def train_tiny_vae(teacher_dir: Path, dataset, out_dir: Path, cfg: TinyVAEConfig
             opt_d.step()
         for k, v in {"loss_enc_l1": enc_l1, "loss_rec_l1": rec_l1, "loss_g_adv": g_adv, "loss_disc": d_loss}.items():
             terms.setdefault(k, []).append(float(v.detach()))
-        if on_log and fabric.is_global_zero and (step + 1) % log_every == 0:
+        if on_log and fabric.is_global_zero and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             on_log({k: sum(v[-log_every:]) / len(v[-log_every:]) for k, v in terms.items()}, step + 1)
         return {"loss": loss.item()}
 
