@@ -57,5 +57,5 @@ def test_smoke_run_scores_prunes_distills_evaluates_and_releases(smoke):
 
     mv = client.get_model_version_by_alias("hybrid-sd", "champion")
     assert str(mv.version) == "1"
-    releases = sorted(home.rglob("evaluate-hybrid/release/hybrid.json"))
+    releases = sorted(home.rglob("evaluate-hybrid*/release/hybrid.json"))
     assert releases and release.load_config(releases[-1].parent)["split"] == 2
