@@ -5,10 +5,10 @@
 #   CUDA:           podman build -t distillery:TAG-cuda --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                     --build-arg PIP_SOURCE="--extra-index-url https://download.pytorch.org/whl/cu128" .
 #                   (torch then comes from the CUDA index; the other pins from the wheelhouse or PyPI)
-# Multi-stage: the wheelhouse and pip stay in the build stages; the final stage copies only the venv.
+# The wheelhouse is bind-mounted into the install steps, never copied into a layer; pip leaves the venv after them.
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS system
+FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 # The project needs Python 3.11; CUDA (Ubuntu) bases lack it, so it comes from the deadsnakes PPA there.
 # Ubuntu bases already own uid 1000 (user "ubuntu"): it is replaced by "app" so HOME matches DISTILLERY_HOME.
@@ -28,38 +28,38 @@ RUN set -eux; \
     if getent passwd 1000 >/dev/null; then userdel -r "$(getent passwd 1000 | cut -d: -f1)"; fi; \
     useradd --create-home --uid 1000 app
 
-# The pinned dependencies: a layer that changes only with the pins (wheelhouse/deps is exactly their closure).
-FROM system AS deps
+# The pinned dependencies from the wheelhouse, bind-mounted for this step only: no wheel stays in a layer, and the
+# venv is written once (copying it out of a builder stage doubled the build's I/O). Changes only with the pins.
+# The build caches a RUN by its text and build args, not by what is mounted into it: DEPS_HASH and PROJECT_HASH
+# (hashes of the pins and of the project's files, passed by build_image.sh) make a changed wheelhouse rebuild.
 ARG PIP_SOURCE=--no-index
-COPY wheelhouse/deps /wheelhouse
-COPY constraints.txt /tmp/constraints.txt
+ARG DEPS_HASH=unset
 # constraints.txt pins the CPU wheels (torch==X+cpu); the CUDA path drops the local label so that its index
 # decides the variant, and resolves from pyproject's requirements instead of the CPU closure.
-RUN set -eux; \
+RUN --mount=type=bind,source=wheelhouse/deps,target=/wheelhouse \
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.in \
+    set -eux; \
     python3.11 -m venv /opt/venv; \
+    echo "${DEPS_HASH}" > /opt/venv/.deps-hash; \
     if [ "${PIP_SOURCE}" = "--no-index" ]; then \
       /opt/venv/bin/pip install -q --no-index --no-deps /wheelhouse/*.whl; \
     else \
+      cp /tmp/constraints.in /tmp/constraints.txt; \
       sed -Ei 's/^(torch[a-z]*==[^+ ]+)\+[a-z0-9]+/\1/' /tmp/constraints.txt; \
       /opt/venv/bin/pip install -q ${PIP_SOURCE} --find-links /wheelhouse -c /tmp/constraints.txt /wheelhouse/*.whl; \
+      rm /tmp/constraints.txt; \
     fi
 
-# The project itself, installed beside the dependencies (a code change rebuilds only this).
-FROM deps AS project
-COPY wheelhouse/project /wheelhouse-project
-RUN /opt/venv/bin/pip install -q --no-index --no-deps --target /opt/project /wheelhouse-project/*.whl && \
-    mv /opt/project/bin /opt/project-bin
+# The project itself (a code change rebuilds only this layer); then pip, setuptools and wheel leave the venv:
+# nothing is installed at run time.
+ARG PROJECT_HASH=unset
+RUN --mount=type=bind,source=wheelhouse/project,target=/wheelhouse-project \
+    echo "${PROJECT_HASH}" > /opt/venv/.project-hash && \
+    /opt/venv/bin/pip install -q --no-index --no-deps /wheelhouse-project/*.whl && \
+    /opt/venv/bin/pip uninstall -q -y pip setuptools wheel
 
-# The runtime venv: no pip, setuptools or wheel.
-FROM deps AS runtime-deps
-RUN /opt/venv/bin/pip uninstall -q -y pip setuptools wheel 2>/dev/null || true
-
-FROM system
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl \
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl GIT_PYTHON_REFRESH=quiet \
     DISTILLERY_HOME=/home/app/.distillery DISTILLERY_SOURCES_DIR=/opt/distillery/sources
-COPY --from=runtime-deps /opt/venv /opt/venv
-COPY --from=project /opt/project /opt/venv/lib/python3.11/site-packages/
-COPY --from=project /opt/project-bin /opt/venv/bin/
 COPY wheelhouse/sources /opt/distillery/sources
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md data.dvc ./

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run      bootstrap, then run the tiny-sd pipeline (smoke profile) locally"
-	@echo "make test     bootstrap, start the test servers, run every test"
+	@echo "make test     bootstrap, build the image, start the test servers, run every test"
 	@echo "make image    build the project image with podman (CPU; tagged by a hash of its inputs)"
 	@echo "make compile  KFP IR YAML for every pipeline under build/pipelines"
 	@echo "make bench    benchmarks (bench/), results under bench/results"
@@ -41,8 +41,11 @@ run: data
 compile: $(STAMP)
 	$(VENV)/bin/distillery compile --out build/pipelines
 
-test: data services
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+# The image builds in the background while the other tests run; the container tests run last and wait for it.
+test: data services container
+	mkdir -p build && rm -f build/image.rc
+	(PY=$(CURDIR)/$(PY) bash scripts/container/build_image.sh > build/image.log 2>&1; echo $$? > build/image.rc) &
+	DISTILLERY_TEST_IMAGE_RC=$(CURDIR)/build/image.rc $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 bench: data
 	$(PY) bench/orchestration.py

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,18 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import report
+from _common import free_port, pct, report
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def start_server(model_dir: Path, name: str) -> tuple[subprocess.Popen, str, float]:
@@ -44,7 +33,7 @@ def start_server(model_dir: Path, name: str) -> tuple[subprocess.Popen, str, flo
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
-                               "--model-name", name, "--http-port", str(port)],
+                               "--model-name", name, "--http-port", str(port), "--grpc-port", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:

@@ -41,6 +41,9 @@ _SCOTT = {
     "sweep_workers": dict(min_length=1, max_length=64),
     "trials_per_worker": dict(ge=1, le=1000),
     "trial_steps": dict(ge=1),
+    "trial_rungs": dict(ge=1, le=6),
+    "sweep_eval_per_class": dict(ge=2, le=10_000),
+    "discriminator": dict(pattern=r"^(teacher|latent)$"),
     "distill_steps": dict(ge=1),
     "distill_batch_size": dict(ge=1, le=4096),
     "solver_substeps": dict(ge=1, le=20),
@@ -86,8 +89,26 @@ _MODE = {
     "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
 }
 
+_SMDP_NAV = {
+    "train_per_level": dict(ge=1, le=100_000),
+    "eval_per_level": dict(ge=1, le=10_000),
+    "min_density": dict(ge=0.0, lt=1.0),
+    "max_density": dict(gt=0.0, le=1.0),
+    "sim_budget_s": dict(gt=0.0),
+    "rollout_s": dict(ge=1.0, le=10_000.0),
+    "num_envs": dict(ge=1, le=4096),
+    "lr": dict(gt=0.0, lt=1.0),
+    "hidden": dict(ge=8, le=4096),
+    "gamma": dict(gt=0.0, le=1.0),
+    "fixed_tau_short": dict(gt=0.0, le=10.0),
+    "fixed_tau_mid": dict(gt=0.0, le=10.0),
+    "fixed_tau_long": dict(gt=0.0, le=10.0),
+    "irsim_scenarios": dict(ge=0, le=10_000),
+    "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
+}
+
 CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE,
-                                          "hybrid-sd": _HYBRID}
+                                          "smdp-nav": _SMDP_NAV, "hybrid-sd": _HYBRID}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -111,6 +132,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       batch_size=512, eval_episodes_per_task=20, gpu=True,
                       gate_thresholds={"success_rate": ["min", 0.7], "cached_matches_uncached": ["min", 1.0]}),
     },
+    "smdp-nav": {
+        "smoke": dict(train_per_level=4, eval_per_level=2, sim_budget_s=480.0, rollout_s=10.0, num_envs=8,
+                      hidden=32, irsim_scenarios=1, gate_thresholds={"success_rate": ["min", 0.0]}),
+        "cpu": dict(train_per_level=200, eval_per_level=50, sim_budget_s=100_000.0, irsim_scenarios=20,
+                    gate_thresholds={"success_rate": ["min", 0.5]}),
+        "paper": dict(train_per_level=1000, eval_per_level=200, sim_budget_s=2_000_000.0, num_envs=64, hidden=256,
+                      irsim_scenarios=100, gpu=True, gate_thresholds={"success_rate": ["min", 0.7]}),
+    },
     "hybrid-sd": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, score_prompts=2, score_steps=2,
                       kd_steps=4, kd_batch_size=8, tiny_vae_steps=6, tiny_vae_batch_size=8, eval_steps=5,
@@ -132,16 +161,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,
-                      trial_steps=4, distill_steps=12, distill_batch_size=16, eval_per_class=2,
+                      trial_steps=4, trial_rungs=2, sweep_eval_per_class=2, distill_steps=12, distill_batch_size=16,
+                      eval_per_class=2,
                       gate_thresholds={"fd": ["max", 1e6], "fd_ratio_vs_teacher": ["max", 1e6],
                                        "cond_acc": ["min", 0.0]}),
-        "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, trials_per_worker=3,
-                    trial_steps=200, distill_steps=2000, eval_per_class=50,
+        "cpu": dict(per_class=600, feature_steps=1500, vae_steps=2500, unet_steps=8000, trials_per_worker=4,
+                    trial_steps=450, trial_rungs=3, sweep_eval_per_class=20, distill_steps=2000, eval_per_class=50,
                     gate_thresholds={"fd": ["max", 50.0], "fd_ratio_vs_teacher": ["max", 1.5],
                                      "cond_acc": ["min", 0.5]}),
         "paper": dict(resolution=64, per_class=5000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
-                      vae_batch_size=128, unet_batch_size=128, sweep_workers=[0, 1, 2, 3], trials_per_worker=8,
-                      trial_steps=2000, distill_steps=20_000, distill_batch_size=128, eval_per_class=500, gpu=True,
+                      vae_batch_size=128, unet_batch_size=128, sweep_workers=[0, 1, 2, 3], trials_per_worker=9,
+                      trial_steps=4500, trial_rungs=3, sweep_eval_per_class=100, distill_steps=20_000, distill_batch_size=128, eval_per_class=500, gpu=True,
                       gate_thresholds={"fd": ["max", 20.0], "fd_ratio_vs_teacher": ["max", 1.3],
                                        "cond_acc": ["min", 0.8]}),
     },
@@ -162,6 +192,22 @@ def _scott_headline_rows(p: dict[str, Any]) -> str | None:
             f"{HEADLINE_STUDENT_STEPS} steps with the teacher at {HEADLINE_TEACHER_STEPS})") if missing else None
 
 
+def _smdp_durations(p: dict[str, Any]) -> str | None:
+    from distillery.papers.smdp_nav import NavConfig
+
+    cfg = NavConfig()
+    taus = [p["fixed_tau_short"], p["fixed_tau_mid"], p["fixed_tau_long"]]
+    problems = []
+    if not cfg.tick <= taus[0] < taus[1] < taus[2]:
+        problems.append(f"fixed_tau_short < fixed_tau_mid < fixed_tau_long must hold, each >= the {cfg.tick} s "
+                        f"tick; got {taus}")
+    if p["min_density"] >= p["max_density"]:
+        problems.append(f"min_density {p['min_density']} must be below max_density {p['max_density']}")
+    if p["rollout_s"] < cfg.tau_max:
+        problems.append(f"rollout_s must be >= the longest duration {cfg.tau_max} s")
+    return "; ".join(problems) or None
+
+
 def _hybrid_splits(p: dict[str, Any]) -> str | None:
     problems = []
     if any(not 0 <= int(k) <= p["eval_steps"] for k in p["splits"]):
@@ -176,7 +222,8 @@ def _hybrid_splits(p: dict[str, Any]) -> str | None:
 
 # Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
 CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
-                                                                   "hybrid-sd": [_hybrid_splits]}
+                                                                    "smdp-nav": [_smdp_durations],
+                                                                    "hybrid-sd": [_hybrid_splits]}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:

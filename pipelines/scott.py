@@ -1,18 +1,19 @@
 """scott: stochastic consistency distillation of the tiny SD teacher into a 1-2 step text-to-image model.
 
 The teacher is a tiny-sd model trained here from the image+caption data, or any diffusers Stable Diffusion
-pipeline imported by URI. An Optuna sweep, run by parallel workers sharing one study, tunes SCott's noise
-strength (of the stochastic teacher solver), adversarial weight and learning rate. With the best values three
-students are distilled from the same teacher: vanilla consistency distillation with a deterministic DDIM
-teacher solver (CD-ODE, the baseline), SCott (stochastic multi-step teacher solver) and SCott with the
-adversarial loss. One table compares them with the teacher on the same held-out prompts and seeds; the
-SCott+adversarial student is gated on its 2-step quality, registered and deployed with an LCMScheduler.
+pipeline imported by URI. Three methods are distilled from the same teacher: vanilla consistency distillation
+with a deterministic DDIM teacher solver (CD-ODE, the baseline), SCott (stochastic multi-step teacher solver) and
+SCott with an adversarial loss whose discriminator reads the frozen teacher's features. Each method is tuned by its
+own Optuna study with the same budget (parallel workers share each study); a trial is scored at growing training
+lengths and successive halving stops the weak ones, so the survivors train long enough for the adversary to
+show. With its best values each method's student is distilled; one table compares them with the teacher on the
+same held-out prompts and seeds, and the student with the best 2-step FD is gated, registered and deployed.
 """
 
 from kfp import dsl
 from kfp.dsl import Model
 
-from components.common import deploy, gate, register, validate_image_captions
+from components.common import deploy, finish_run, gate, register, validate_image_captions
 from components.scott import distill, evaluate_students, select_best, sweep_worker
 from components.tiny_sd import prepare_image_captions, train_feature_net, train_unet, train_vae
 from distillery.platform.pods import configure_pipeline_tasks
@@ -39,7 +40,10 @@ def scott(
     sweep_workers: list = [0, 1],
     trials_per_worker: int = 2,
     trial_steps: int = 100,
-    search_space: dict = {"noise_strength": [0.0, 1.0], "adv_weight": [0.0, 0.5], "lr": [1e-5, 1e-3]},
+    trial_rungs: int = 3,
+    sweep_eval_per_class: int = 20,
+    search_space: dict = {"noise_strength": [0.0, 1.0], "adv_weight": [0.01, 0.5], "lr": [1e-5, 1e-3]},
+    discriminator: str = "teacher",
     distill_steps: int = 500,
     distill_batch_size: int = 32,
     solver_substeps: int = 2,
@@ -71,10 +75,13 @@ def scott(
         unet_batch_size: Teacher UNet batch size.
         unet_lr: Teacher UNet learning rate.
         cond_dropout: Caption dropout of the teacher (enables classifier-free guidance).
-        sweep_workers: One parallel sweep worker per item (the item seeds its sampler); all share one Optuna study.
-        trials_per_worker: Optuna trials each worker runs.
-        trial_steps: Distillation steps of one trial.
-        search_space: [low, high] of noise_strength, adv_weight and lr (log scale) for the sweep.
+        sweep_workers: One parallel sweep worker per item and method (the item seeds its sampler); the workers of a method share its Optuna study.
+        trials_per_worker: Optuna trials each worker runs for each method (every method gets the same budget).
+        trial_steps: Distillation steps of a trial that survives every rung.
+        trial_rungs: Training lengths a trial is scored at (trial_steps / 3^k); successive halving keeps the best third at each.
+        sweep_eval_per_class: Images per class prompt scoring a trial (the objective's noise must stay below the differences it ranks).
+        search_space: [low, high] of noise_strength, adv_weight and lr (log scale); each method tunes only the knobs it has.
+        discriminator: Discriminator of SCott+adv: teacher (heads on the frozen teacher UNet's features) or latent (standalone conv net, the ablation).
         distill_steps: Distillation steps of each final student.
         distill_batch_size: Distillation batch size.
         solver_substeps: Teacher solver steps per skipped interval (SCott's multi-step solving; CD-ODE uses 1).
@@ -83,58 +90,66 @@ def scott(
         eval_per_class: Generated images per class prompt in evaluation.
         teacher_eval_steps: Sampling steps at which the teacher is evaluated.
         student_eval_steps: Sampling steps at which each student is evaluated.
-        gate_thresholds: Gate on the SCott+adv student at 2 steps: metric -> ["max" or "min", bound]; it must also not be worse than the champion's fd.
+        gate_thresholds: Gate on the released student (the best FD at 2 steps of the three) at 2 steps: metric -> ["max" or "min", bound]; it must also not be worse than the champion's fd.
         model_name: Registered model name of the released student.
         gpu: Deploy the predictor with one GPU.
         seed: Random seed of every step.
     """
     t = tracking_args("scott")
-    data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
-                                  holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
-    checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
-    dataset = data.outputs["dataset"]
-    feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
-
     def distill_and_release(teacher):
-        """Sweep -> three students -> evaluation -> gate -> register -> deploy, from one teacher."""
+        """Per-method sweeps -> three students -> evaluation -> the winner gated, registered, deployed."""
+        methods = ("cd-ode", "scott", "scott-adv")
+
+        def adversary(method: str) -> str:
+            # Only SCott+adv has a discriminator: the others keep the default, so their steps stay cached when an
+            # ablation run changes it.
+            return discriminator if method == "scott-adv" else "teacher"
         with dsl.ParallelFor(items=sweep_workers, parallelism=4) as worker:
-            trials = sweep_worker(teacher=teacher, dataset=dataset, feature_net=feature_net.outputs["feature_net"],
-                                  worker=worker, n_trials=trials_per_worker, search_space=search_space,
-                                  trial_steps=trial_steps, batch_size=distill_batch_size,
-                                  solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
-                                  eval_per_class=2, seed=seed, **t)
-        best = select_best(results=dsl.Collected(trials.outputs["Output"]), **t)
+            trials = {m: sweep_worker(teacher=teacher, dataset=dataset, feature_net=feature_net.outputs["feature_net"],
+                                      method=m, worker=worker, n_trials=trials_per_worker, search_space=search_space,
+                                      trial_steps=trial_steps, trial_rungs=trial_rungs, batch_size=distill_batch_size,
+                                      solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
+                                      discriminator=adversary(m), eval_per_class=sweep_eval_per_class, seed=seed,
+                                      **t).set_display_name(f"sweep-{m}") for m in methods}
         students = {}
-        for method in ("cd-ode", "scott", "scott-adv"):
-            students[method] = distill(teacher=teacher, dataset=dataset, method=method, steps=distill_steps,
-                                       batch_size=distill_batch_size, lr=best.outputs["lr"],
-                                       noise_strength=best.outputs["noise_strength"],
-                                       adv_weight=best.outputs["adv_weight"], solver_substeps=solver_substeps,
-                                       skip=skip, guidance_scale=guidance_scale, seed=seed,
-                                       **t).set_display_name(f"distill-{method}")
-        candidate = students["scott-adv"].outputs["student"]
+        for m in methods:
+            best = select_best(results=dsl.Collected(trials[m].outputs["Output"]), method=m,
+                               **t).set_display_name(f"select-best-{m}")
+            students[m] = distill(teacher=teacher, dataset=dataset, method=m, steps=distill_steps,
+                                  batch_size=distill_batch_size, lr=best.outputs["lr"],
+                                  noise_strength=best.outputs["noise_strength"], adv_weight=best.outputs["adv_weight"],
+                                  solver_substeps=solver_substeps, skip=skip, guidance_scale=guidance_scale,
+                                  discriminator=adversary(m), seed=seed, **t).set_display_name(f"distill-{m}")
         evaluation = evaluate_students(teacher=teacher, cd_ode=students["cd-ode"].outputs["student"],
-                                       scott=students["scott"].outputs["student"], scott_adv=candidate,
-                                       dataset=dataset, feature_net=feature_net.outputs["feature_net"],
-                                       teacher_steps=teacher_eval_steps, student_steps=student_eval_steps,
-                                       num_per_class=eval_per_class, guidance_scale=guidance_scale,
-                                       candidate="scott-adv", seed=seed, **t)
+                                       scott=students["scott"].outputs["student"],
+                                       scott_adv=students["scott-adv"].outputs["student"], dataset=dataset,
+                                       feature_net=feature_net.outputs["feature_net"], teacher_steps=teacher_eval_steps,
+                                       student_steps=student_eval_steps, num_per_class=eval_per_class,
+                                       guidance_scale=guidance_scale, seed=seed, **t)
         decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
                         directions={"fd": "min", "cond_acc": "max"}, **t).set_caching_options(False)
         with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)
-            version = register(model=candidate, metrics=evaluation.outputs["metrics"], model_name=model_name,
-                               **t).set_caching_options(False)
+            version = register(model=evaluation.outputs["released"], metrics=evaluation.outputs["metrics"],
+                               model_name=model_name, **t).set_caching_options(False)
             deploy(model_name=model_name, version=version.output, kind="text-to-image", gpu=gpu,
                    **t).set_caching_options(False)
 
-    # The same downstream DAG in both branches: the local runner cannot merge branch outputs (dsl.OneOf).
-    with dsl.If(teacher_uri == "", name="train-teacher"):
-        vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed,
-                        **t).after(checked)
-        unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
-                          lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
-        distill_and_release(unet.outputs["model"])
-    with dsl.Else(name="import-teacher"):
-        imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False).after(checked)
-        distill_and_release(imported.output)
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        data = prepare_image_captions(sources=sources, resolution=resolution, per_class=per_class,
+                                      holdout_fraction=holdout_fraction, seed=seed, dataset_uri=dataset_uri, **t)
+        checked = validate_image_captions(dataset=data.outputs["dataset"], balance_tolerance=balance_tolerance, **t)
+        dataset = data.outputs["dataset"]
+        feature_net = train_feature_net(dataset=dataset, steps=feature_steps, seed=seed, **t).after(checked)
+
+        # The same downstream DAG in both branches: the local runner cannot merge branch outputs (dsl.OneOf).
+        with dsl.If(teacher_uri == "", name="train-teacher"):
+            vae = train_vae(dataset=dataset, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, seed=seed,
+                            **t).after(checked)
+            unet = train_unet(dataset=dataset, vae=vae.outputs["vae"], steps=unet_steps, batch_size=unet_batch_size,
+                              lr=unet_lr, cond_dropout=cond_dropout, seed=seed, **t)
+            distill_and_release(unet.outputs["model"])
+        with dsl.Else(name="import-teacher"):
+            imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False).after(checked)
+            distill_and_release(imported.output)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -13,6 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 _SETTINGS_VARS = [v for v in os.environ if v.startswith("DISTILLERY_")]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that need the built image run last: `make test` builds it in the background meanwhile."""
+    items.sort(key=lambda item: "image" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh DISTILLERY_HOME; the settings object is rebuilt around it."""

@@ -76,10 +76,12 @@ def test_scott_compiles_with_both_teacher_branches_and_validates_its_sweep(home,
     spec = next(yaml.safe_load_all(text))
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert "importer" in text and "parameterIterator" in text  # dsl.importer branch and the sweep's ParallelFor
-    assert params["trials_per_worker"]["defaultValue"] == 3 and "Optuna" in params["trials_per_worker"]["description"]
+    assert params["trials_per_worker"]["defaultValue"] == 4 and "Optuna" in params["trials_per_worker"]["description"]
+    assert params["trial_rungs"]["defaultValue"] == 3 and params["discriminator"]["defaultValue"] == "teacher"
     assert set(spec["root"]["dag"]["tasks"]) >= {"prepare-image-captions", "train-feature-net", "condition-branches-1"}
-    r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0"])
-    assert r.exit_code == 2 and "sweep_workers" in r.output and "solver_substeps" in r.output
+    r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0",
+                            "--set", "discriminator=clip"])
+    assert r.exit_code == 2 and all(k in r.output for k in ("sweep_workers", "solver_substeps", "discriminator"))
     r = runner.invoke(app, ["run", "scott", "--set", "teacher_eval_steps=[4, 50]"])
     assert r.exit_code == 2 and "teacher_eval_steps must include 25" in r.output
     assert not (home / "pipeline_root").exists()

@@ -226,12 +226,18 @@ def test_dockerfile_is_one_non_root_image_with_a_cuda_build_arg():
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     assert "FROM ${BASE_IMAGE}" in text
     assert re.search(r"^USER 1000$", text, re.M)
-    # CPU: every pinned wheel from the host-made wheelhouse, nothing from the network; the final stage gets the
-    # venv and never the wheelhouse of dependencies or pip.
+    # CPU: every pinned wheel from the host-made wheelhouse, nothing from the network. The wheelhouse is only
+    # bind-mounted into the install steps (never a layer), each keyed by a hash of what it installs (the build
+    # caches a RUN by its text and args, not by its mounts), and pip leaves the venv after the last install.
     assert re.search(r"pip install -q --no-index --no-deps /wheelhouse/\*\.whl", text)
-    final = text[text.rindex("\nFROM "):]
-    assert "COPY --from=runtime-deps /opt/venv /opt/venv" in final
-    assert "wheelhouse/deps" not in final and "pip install" not in final
+    assert not re.search(r"^(COPY|ADD) .*wheelhouse/(deps|project)", text, re.M)
+    for mount, key in [("wheelhouse/deps", "DEPS_HASH"), ("wheelhouse/project", "PROJECT_HASH")]:
+        run = text[text.index(f"--mount=type=bind,source={mount}"):]
+        run = run[:run.index("\n\n")]
+        assert f"${{{key}}}" in run and re.search(rf"^ARG {key}=", text, re.M), mount
+    assert text.rindex("pip uninstall -q -y pip setuptools wheel") > text.rindex("pip install")
+    build = (REPO / "scripts" / "container" / "build_image.sh").read_text()
+    assert '--build-arg DEPS_HASH="$deps_hash"' in build and '--build-arg PROJECT_HASH="$inputs_hash"' in build
     assert not re.search(r"^(ENV|ARG) .*(PASSWORD|SECRET|ACCESS_KEY)", text, re.M | re.I)
     assert (REPO / "constraints.txt").exists()
 

@@ -21,9 +21,11 @@ from test_serving import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
-STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "sweep-worker-0", "sweep-worker-1",
-         "select-best", "distill-cd-ode", "distill-scott", "distill-scott-adv", "evaluate", "gate", "register",
-         "deploy"}
+METHODS = ("cd-ode", "scott", "scott-adv")
+STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "evaluate", "gate", "register", "deploy",
+         *(f"{step}-{m}" for m in METHODS for step in ("select-best", "distill")),
+         *(f"sweep-{m}-{w}" for m in METHODS for w in (0, 1))}
+KNOBS = {"cd-ode": {"lr"}, "scott": {"lr", "noise_strength"}, "scott-adv": {"lr", "noise_strength", "adv_weight"}}
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +50,29 @@ def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
     assert set(children) == STEPS
     assert all(r.info.status == "FINISHED" for r in children.values())
 
-    # Two workers, one trial each, one shared study; every trial is a run nested under its worker's run.
+    # Per method one study shared by two workers, one trial each (same budget for every method); every trial is a
+    # run nested under its worker's run, scored at the rungs (1 and 4 steps); successive halving may stop one.
     trials = [r for r in runs if r.data.tags.get("optuna.trial") is not None]
-    assert len(trials) == 2
-    assert len({r.data.tags["optuna.study"] for r in trials}) == 1
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [0, 1]
-    workers = {children["sweep-worker-0"].info.run_id, children["sweep-worker-1"].info.run_id}
-    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == workers
-    assert all(math.isfinite(r.data.metrics["objective"]) and {"noise_strength", "adv_weight", "lr"} <= set(r.data.params)
-               for r in trials)
-    best = children["select-best"].data.metrics
-    assert best["best_value"] == pytest.approx(min(r.data.metrics["objective"] for r in trials))
-    # The best parameters are the ones SCott+adv was distilled with.
-    assert float(children["distill-scott-adv"].data.params["noise_strength"]) == pytest.approx(best["noise_strength"])
+    assert len(trials) == 6
+    for m in METHODS:
+        mine = [r for r in trials if r.data.tags["optuna.study"].endswith(f"-{m}")]
+        assert len(mine) == 2 and len({r.data.tags["optuna.study"] for r in mine}) == 1
+        assert sorted(int(r.data.tags["optuna.trial"]) for r in mine) == [0, 1]
+        workers = {children[f"sweep-{m}-{w}"].info.run_id for w in (0, 1)}
+        assert {r.data.tags["mlflow.parentRunId"] for r in mine} <= workers
+        assert all(set(r.data.params) == KNOBS[m] for r in mine)
+        complete = [r for r in mine if r.data.tags["optuna.state"] == "COMPLETE"]
+        assert complete and all(r.data.tags["optuna.state"] in ("COMPLETE", "PRUNED") for r in mine)
+        assert all(math.isfinite(r.data.metrics["objective"]) for r in complete)
+        history = client.get_metric_history(complete[0].info.run_id, "fd")
+        assert [h.step for h in history] == [1, 4]  # scored at each rung, trained on from its checkpoint
+        best = children[f"select-best-{m}"].data.metrics
+        assert best["best_value"] == pytest.approx(min(r.data.metrics["objective"] for r in complete))
+        # Each method is distilled with its own best values.
+        distilled = children[f"distill-{m}"].data.params
+        assert float(distilled["lr"]) == pytest.approx(best["lr"])
+    assert float(children["distill-scott-adv"].data.params["noise_strength"]) == pytest.approx(
+        children["select-best-scott-adv"].data.metrics["noise_strength"])
     assert float(children["distill-cd-ode"].data.metrics["noise_strength"]) == 0.0
 
     ev = children["evaluate"].data.metrics
@@ -71,7 +83,10 @@ def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
             # guidance doubles the teacher's UNet evaluations; the students run once per step
             assert ev[f"{model}_{k}step_unet_evals_per_image"] == (2 * k if model == "teacher" else k)
     assert ev["unet_eval_reduction"] == pytest.approx(25.0)
-    assert ev["fd"] == ev["scott_adv_2step_fd"]
+    # The release is the student with the best FD at 2 steps, whichever method it is.
+    released = children["evaluate"].data.tags["released_method"]
+    assert ev["fd"] == ev[f"{released.replace('-', '_')}_2step_fd"] == min(
+        ev[f"{m.replace('-', '_')}_2step_fd"] for m in METHODS)
     artifacts = [a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "samples")]
     assert len(artifacts) == 14
     top = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
@@ -103,8 +118,11 @@ def _local(model_dir, prompt: str, steps: int, seed: int) -> np.ndarray:
                            generator=[torch.Generator().manual_seed(seed)]).images[0])
 
 
-def test_served_student_answers_v1_and_v2_with_the_steps_asked(served):
+def test_served_student_answers_v1_and_v2_with_the_steps_asked(smoke, served):
     url, model_dir = served
+    runs = _runs(_mlflow(smoke[0]), "distillery/scott")
+    released = {r.data.tags["released_method"] for r in runs if r.data.tags.get("task") == "evaluate"}
+    assert {json.loads((model_dir / "distillery.json").read_text())["method"]} == released  # the winner is served
     prompt = "a handwritten digit seven"
     images = {}
     for steps in (1, 4):

@@ -1,5 +1,6 @@
-"""SCott's pieces: the stochastic teacher solver, the consistency parameterization, the adversarial losses,
-the distillation loop and the student it saves."""
+"""SCott's pieces: the stochastic teacher solver, the consistency parameterization, the discriminators and
+adversarial losses, the distillation loop and the student it saves, the per-method multi-fidelity sweep and the
+release of the winning method."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -220,3 +222,146 @@ def test_interrupted_distillation_resumes_to_the_uninterrupted_student(teacher_d
     name = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_feature_discriminator_trains_only_its_heads_and_passes_gradients_to_the_student(teacher_dir):
+    """Heads on the frozen teacher's features: the discriminator loss reaches only the heads, the generator loss
+    reaches the student's sample through the teacher, and the teacher never changes."""
+    teacher = d.load_teacher(teacher_dir).unet
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(0)
+    disc = scott.make_discriminator("teacher", teacher, 384)
+    assert isinstance(disc, scott.TeacherFeatureDiscriminator) and disc.teacher is teacher
+    assert not any(k.startswith(("_teacher", "teacher")) for k in disc.state_dict())  # checkpoints hold heads only
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in disc.parameters()}
+    assert len(disc.heads) == len(teacher.down_blocks) + 1  # one head per down block and the mid block
+
+    ac = d.load_teacher(teacher_dir).scheduler.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(8, 4, 8, 8, generator=g) * 0.5 + 1.0
+    text, t = torch.randn(8, 16, 384, generator=g), torch.randint(0, 1000, (8,), generator=g)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        fake = (torch.randn(8, 4, 8, 8, generator=g) * 0.5 - 1.0).requires_grad_(True)
+        g_loss, d_loss, stats = scott.adversarial_losses(disc, fake, real, text, t, torch.randn(8, 4, 8, 8, generator=g),
+                                                         ac)
+        assert set(stats) == {"disc_loss", "disc_accuracy", "adv_loss"}
+        opt.zero_grad()
+        d_loss.backward()
+        assert fake.grad is None  # the discriminator's loss sees the fake detached
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is not None for p in disc.heads.parameters())
+        opt.step()
+        losses.append(d_loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the heads learn to tell the two apart
+    g_loss, _, _ = scott.adversarial_losses(disc, fake, real, text, t, torch.randn(8, 4, 8, 8, generator=g), ac)
+    g_loss.backward(inputs=[fake])
+    assert fake.grad is not None and fake.grad.abs().sum() > 0  # through the frozen teacher to the student
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="needs the noise"):
+        scott.adversarial_losses(disc, fake, real, text, t)
+    with pytest.raises(ValueError, match="discriminator must be one of"):
+        scott.make_discriminator("clip", teacher, 384)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "latent"])
+def test_scott_adv_distills_with_either_discriminator(teacher_dir, dataset, tmp_path, kind):
+    cfg = scott.DistillConfig(method="scott-adv", steps=2, batch_size=2, adv_weight=0.2, discriminator=kind)
+    metrics = scott.distill(teacher_dir, dataset, tmp_path / "s", cfg, checkpoint_dir=tmp_path / "ck")
+    assert np.isfinite(metrics["distill_final_loss"]) and metrics["adv_weight"] == 0.2
+    from lightning.fabric.utilities.load import _lazy_load
+
+    keys = list(_lazy_load(tmp_path / "ck" / "last.ckpt")["model"])
+    disc_keys = [k for k in keys if k.startswith("discriminator.")]
+    assert disc_keys and all(("heads." in k or "cond." in k) for k in disc_keys) == (kind == "teacher")
+    with pytest.raises(ValueError, match="discriminator must be one of"):
+        scott.DistillConfig(discriminator="clip").check()
+
+
+def test_a_longer_run_continues_a_shorter_runs_checkpoint(teacher_dir, dataset, tmp_path):
+    """What the sweep's rungs rely on: 2 steps, then continued to 4 from that checkpoint, equals 4 steps at once."""
+    from safetensors.torch import load_file
+
+    cfg = scott.DistillConfig(method="scott-adv", steps=4, batch_size=2, adv_weight=0.2)
+    scott.distill(teacher_dir, dataset, tmp_path / "once", cfg, checkpoint_dir=tmp_path / "a")
+    short = scott.distill(teacher_dir, dataset, tmp_path / "rungs", replace(cfg, steps=2), checkpoint_dir=tmp_path / "b")
+    longer = scott.distill(teacher_dir, dataset, tmp_path / "rungs", cfg, checkpoint_dir=tmp_path / "b")
+    assert short["resumed_from_step"] == 0 and longer["resumed_from_step"] == 2
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "once" / name), load_file(tmp_path / "rungs" / name)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="other settings"):  # another knob than steps is another run
+        scott.distill(teacher_dir, dataset, tmp_path / "x", replace(cfg, lr=1e-3), checkpoint_dir=tmp_path / "b")
+
+
+def test_each_method_tunes_its_own_knobs_and_gets_its_own_best(home):
+    import optuna
+
+    from distillery.platform import tracking
+    from distillery.steps import scott as steps
+
+    space = {"noise_strength": [0.0, 1.0], "adv_weight": [0.01, 0.5], "lr": [1e-5, 1e-3]}
+    for method in scott.METHODS:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        trial = study.ask()
+        assert set(steps.suggest(trial, method, space)) == set(steps.METHOD_KNOBS[method])
+    reports = {"cd-ode": [{"best_value": 5.0, "best_params": {"lr": 1e-4}}, {"best_value": 4.0, "best_params": {"lr": 3e-4}}],
+               "scott": [{"best_value": 3.0, "best_params": {"lr": 2e-4, "noise_strength": 0.4}},
+                         json.dumps({"best_value": None, "best_params": {}})],  # a worker whose trials were all pruned
+               "scott-adv": [{"best_value": 6.0, "best_params": {"lr": 5e-5, "noise_strength": 0.7, "adv_weight": 0.2}}]}
+    with tracking.step_run("scott", "select-best", kfp_run_id="k"):
+        best = {m: steps.select_best(results=r, method=m) for m, r in reports.items()}
+    assert best["cd-ode"] == {"best_value": 4.0, "lr": 3e-4, "noise_strength": 0.0, "adv_weight": 0.0}
+    assert best["scott"] == {"best_value": 3.0, "lr": 2e-4, "noise_strength": 0.4, "adv_weight": 0.0}
+    assert best["scott-adv"] == {"best_value": 6.0, "lr": 5e-5, "noise_strength": 0.7, "adv_weight": 0.2}
+    with pytest.raises(RuntimeError, match="no scott sweep trial completed"):
+        steps.select_best(results=[{"best_value": None, "best_params": {}}], method="scott")
+    with pytest.raises(ValueError, match="search_space must map"):
+        steps.check_search_space({"lr": [1e-3, 1e-5], "noise_strength": [0, 1], "adv_weight": [0, 1]})
+
+
+def test_successive_halving_prunes_weak_trials_so_survivors_train_to_the_end(home):
+    """A tiny objective whose quality is known: trials report at the rungs, the pruner stops the weak ones early and
+    only the good ones reach the last rung."""
+    import optuna
+
+    from distillery.platform import sweeps
+
+    schedule = sweeps.rungs(27, 3)
+    assert schedule == [3, 9, 27] and sweeps.rungs(4, 2) == [1, 4] and sweeps.rungs(10, 3) == [1, 3, 10]
+    trained = {}
+
+    def objective(trial):
+        x = trial.suggest_float("x", -4, 4)
+        for steps in schedule:  # the longer a trial trains, the closer to its final value (x - 1)^2
+            trained[trial.number] = steps
+            trial.report((x - 1) ** 2 + 3.0 / steps, steps)
+            if steps < schedule[-1] and trial.should_prune():
+                raise optuna.TrialPruned()
+        return (x - 1) ** 2
+
+    out = sweeps.run_worker("sha", objective, n_trials=12, pipeline="demo", sampler_seed=0,
+                            pruner=sweeps.successive_halving(schedule[0]))
+    study = optuna.load_study(study_name="sha", storage=sweeps.storage())
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert out["pruned"] == len(pruned) >= 4 and complete
+    assert all(trained[t.number] == 27 for t in complete) and all(trained[t.number] < 27 for t in pruned)
+    # what was pruned was worse at its last rung than the best trial there
+    for t in pruned:
+        step = t.last_step
+        assert t.intermediate_values[step] >= min(c.intermediate_values[step] for c in complete)
+    assert out["best_value"] == min(t.value for t in complete)
+
+
+def test_the_release_is_the_winner_by_the_gates_metric():
+    rows = [{"model": m, "steps": k, "fd": fd} for m, k, fd in
+            [("teacher", 25, 5.0), ("cd-ode", 2, 4.5), ("scott", 2, 4.3), ("scott-adv", 2, 8.0), ("scott", 4, 1.0)]]
+    assert ev.pick_winner(rows, ["cd-ode", "scott", "scott-adv"]) == "scott"
+    rows[3]["fd"] = 4.0
+    assert ev.pick_winner(rows, ["cd-ode", "scott", "scott-adv"]) == "scott-adv"
+    with pytest.raises(ValueError, match="no 2-step row"):
+        ev.pick_winner(rows[:3], ["cd-ode", "scott", "scott-adv"])

@@ -27,21 +27,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, name: str, log, env: dict | None = None) -> tuple[subprocess.Popen, str, object]:
-    """`python -m distillery.serving` on a free loopback port, waited for until ready; output goes to the file
-    `log` (a pipe nobody drains would fill and block the server)."""
-    port = _free_port()
+def start_server(model_dir, name: str, log, env: dict | None = None, args: tuple = ()) -> tuple[subprocess.Popen, str, object]:
+    """`python -m distillery.serving` on free loopback ports (HTTP; gRPC in `proc.grpc_port`), waited for until
+    ready; output goes to the file `log` (a pipe nobody drains would fill and block the server)."""
+    port, grpc_port = _free_port(), _free_port()
     sink = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir), "--model-name",
-                             name, "--http-port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+                             name, "--http-port", str(port), "--grpc-port", str(grpc_port), *args],
+                            stdout=sink, stderr=subprocess.STDOUT, env=env)
+    proc.grpc_port = grpc_port
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                 return proc, url, sink
-        except requests.ConnectionError:
-            time.sleep(0.2)
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading the model
+            pass
+        time.sleep(0.2)
         if proc.poll() is not None:
             pytest.fail(f"server exited: {log.read_text()[-3000:]}")
     proc.kill()

@@ -18,13 +18,17 @@ from test_serving import start_server, stop_server
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("policy")
+def build_policy(root):
+    """A tiny MoDE policy trained for a few steps on one demonstration per MT10 task; returns its folder."""
     dm.collect_mt10_demos(root / "demos", episodes_per_task=1, progress=False)
     cfg = MoDEConfig(width=32, depth=2, expert_hidden=32, chunk=4, obs_history=2)
     train_policy(dm.load_demos(root / "demos"), root / "model", cfg, steps=5, batch_size=32, sampling_steps=4)
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return build_policy(tmp_path_factory.mktemp("policy"))
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,12 @@ if ! podman image exists "$ref"; then
   rm -rf "$wh/project"
   "$PY" -m pip wheel -q --no-deps -w "$wh/project" . 2>&1 | grep -v "is ignored" || true
   ls "$wh"/project/distillery-*.whl >/dev/null
+  # The dependency layer is keyed by the wheels it installs (names and sizes), not by the pin files: a pin that
+  # only the tests use leaves it cached.
+  deps_hash="$(cd "$wh/deps" && ls -l --time-style=+ ./*.whl | awk '{print $5, $NF}' | LC_ALL=C sort | sha256sum | cut -c1-16)"
   commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
   podman build -q --build-arg BASE_IMAGE="$base" --build-arg GIT_COMMIT="$commit" \
+    --build-arg DEPS_HASH="$deps_hash" --build-arg PROJECT_HASH="$inputs_hash" \
     --build-arg IMAGE_REF="$ref" -t "$ref" . >/dev/null
 fi
 podman tag "$ref" "$name:latest"

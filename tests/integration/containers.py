@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def build_image() -> Image:
     """`make image`'s script: builds only when an input changed, then names the image."""
     if shutil.which("podman") is None or not CONTAINERS_CONF.exists():
         raise RuntimeError("podman is not set up: run `make container` (sudo bash scripts/container/install.sh)")
+    rc_file = os.environ.get("DISTILLERY_TEST_IMAGE_RC")
+    if rc_file:  # `make test` started the build in the background: wait for it (the script below is then a no-op)
+        rc_path, deadline = Path(rc_file), time.time() + 3600
+        while not rc_path.exists() and time.time() < deadline:
+            time.sleep(5)
+        rc = rc_path.read_text().strip() if rc_path.exists() else "timeout"
+        if rc != "0":
+            log = rc_path.with_name("image.log")
+            tail = log.read_text()[-3000:] if log.exists() else ""
+            raise RuntimeError(f"the background image build failed ({rc}):\n{tail}")
     out = subprocess.run(["bash", str(REPO / "scripts" / "container" / "build_image.sh")], env=podman_env(),
                          capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

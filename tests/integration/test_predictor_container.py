@@ -48,10 +48,10 @@ def _container_spec(isvc: dict) -> dict:
 
 def _run_predictor(spec: dict, model_dir, port: int) -> str:
     """podman run of the container spec. Two deliberate differences from a pod: the host network (so --host is
-    127.0.0.1, not the pod's 0.0.0.0) and a free port instead of 8080."""
+    127.0.0.1, not the pod's 0.0.0.0) and free ports instead of 8080 and 8081."""
     sc = spec["securityContext"]
-    args = [a for a in spec["args"] if not a.startswith(("--host=", "--http-port="))]
-    args += ["--host=127.0.0.1", f"--http-port={port}"]
+    args = [a for a in spec["args"] if not a.startswith(("--host=", "--http-port=", "--grpc-port="))]
+    args += ["--host=127.0.0.1", f"--http-port={port}", f"--grpc-port={_free_port()}"]
     name = f"predictor-{uuid.uuid4().hex[:8]}"
     cmd = ["run", "-d", "--name", name, "--user", str(sc["runAsUser"]),
            "--group-add", str(spec["podSecurityContext"].get("fsGroup", sc["runAsUser"])),

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillery.models.files import share_readable
+from distillery.models.files import seal, share_readable
 from distillery.models.training import LogFn, make_fabric, resumable_loop
 
 
@@ -278,6 +278,6 @@ def train_unet(dataset, vae_dir: Path, out_dir: Path, *, cfg: TinySDConfig, step
         pipe.save_pretrained(out_dir, safe_serialization=True)
         (Path(out_dir) / "distillery.json").write_text(json.dumps({"kind": "text-to-image", "default_steps": 25,
                                                                     "max_steps": 100, "resolution": cfg.resolution}))
-        share_readable(out_dir)
+        seal(out_dir)  # the predictor refuses the folder if a file changes later
     fabric.barrier()
     return metrics

@@ -99,6 +99,16 @@ def broadcast(obj, settings=None):
     return obj if s.devices == 1 else make_fabric(s).broadcast(obj)
 
 
+def all_reduce_gradients(fabric, module: torch.nn.Module) -> None:
+    """Average `module`'s gradients over the training processes, for a module that is not a DDP wrapper (one
+    entered through several methods, which DDP's forward hooks would not see). Nothing to do in one process."""
+    if fabric.world_size == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad = fabric.all_reduce(p.grad, reduce_op="mean")
+
+
 def _storage_path(checkpoint_dir) -> str:
     path = str(checkpoint_dir).rstrip("/")
     if path.startswith("s3://"):

@@ -35,11 +35,12 @@ SECRET_ENV_OPTIONAL: dict[str, str] = {k: k for k in ("MLFLOW_TRACKING_USERNAME"
 # Steps that train or run the models; the rest read/write small files and talk to the servers.
 COMPUTE_STEPS = frozenset({
     "train-feature-net", "train-vae", "train-unet", "train-policy", "sweep-worker", "distill",
-    "collect-demos", "evaluate-text-to-image", "evaluate-policies", "evaluate-students",
-    "score-layers", "prune-unet", "distill-small", "train-tiny-vae", "evaluate-hybrid",
+    "collect-demos", "evaluate-text-to-image", "evaluate-policies", "evaluate-students", "train-navigation",
+    "evaluate-navigation", "score-layers", "prune-unet", "distill-small", "train-tiny-vae", "evaluate-hybrid",
 })
-# Of those, the ones that get an accelerator in a GPU profile (evaluation samples the diffusion models too).
-ACCELERATOR_STEPS = COMPUTE_STEPS - {"collect-demos"}
+# Of those, the ones that get an accelerator in a GPU profile (evaluation samples the diffusion models too;
+# navigation is evaluated by stepping numpy simulators, on CPU).
+ACCELERATOR_STEPS = COMPUTE_STEPS - {"collect-demos", "evaluate-navigation"}
 ACCELERATOR = "nvidia.com/gpu"
 
 # Every task's pod carries this label: the NetworkPolicies of manifests/base let only such pods (and the MLflow

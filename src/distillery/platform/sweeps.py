@@ -113,6 +113,31 @@ def default_pruner():
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
 
 
+def successive_halving(min_resource: int, reduction_factor: int = 3):
+    """Asynchronous successive halving (ASHA): at each rung (min_resource * reduction_factor**k steps) a trial goes
+    on only if it is in the best 1/reduction_factor of the trials that reached that rung (the first ones: if it is
+    the best so far). The rungs' values live in the study's storage, so parallel workers prune against each
+    other's trials."""
+    import optuna
+
+    if min_resource < 1 or reduction_factor < 2:
+        raise ValueError(f"min_resource must be >= 1 and reduction_factor >= 2, got {min_resource} and "
+                         f"{reduction_factor}")
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=reduction_factor,
+                                                  min_early_stopping_rate=0)
+
+
+def rungs(max_resource: int, n_rungs: int, reduction_factor: int = 3) -> list[int]:
+    """Where a trial reports (the pruner's rungs): max/eta^(n-1), ..., max/eta, then max itself. The first is the
+    `min_resource` of `successive_halving`; the rest are it times powers of eta, so they are rungs exactly."""
+    if max_resource < 1 or n_rungs < 1 or reduction_factor < 2:
+        raise ValueError(f"max_resource and n_rungs must be >= 1 and reduction_factor >= 2, got {max_resource}, "
+                         f"{n_rungs} and {reduction_factor}")
+    r0 = max(1, max_resource // reduction_factor ** (n_rungs - 1))
+    below = {r0 * reduction_factor ** k for k in range(n_rungs - 1)}
+    return sorted({r for r in below if r < max_resource} | {max_resource})
+
+
 def create_study(name: str, direction: str = "minimize", storage: Any = None, sampler_seed: int | None = 0,
                  pruner=None):
     """Create the study, or load it when another worker already did (so parallel workers share it).
@@ -144,7 +169,8 @@ def run_worker(study_name: str, objective: Callable, n_trials: int, pipeline: st
     """Run `n_trials` of the shared study in this process; each trial is an MLflow run nested under the active
     run (the worker's step run), else under `parent_run_id` in the experiment of `pipeline`.
 
-    Returns {"trials": trials in the study so far (all workers), "finished_here", "best_value", "best_params"}.
+    Returns {"trials": trials in the study so far (all workers), "finished_here", "pruned" (in the study),
+    "best_value", "best_params"}.
     """
     import mlflow
     import optuna
@@ -199,7 +225,8 @@ def run_worker(study_name: str, objective: Callable, n_trials: int, pipeline: st
         best_value, best = study.best_value, study.best_params
     except ValueError:  # no trial completed (all pruned or failed)
         best_value, best = None, {}
-    return {"trials": len(study.trials), "finished_here": len(done_here), "best_value": best_value,
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    return {"trials": len(study.trials), "finished_here": len(done_here), "pruned": pruned, "best_value": best_value,
             "best_params": best}
 
 

@@ -1,19 +1,31 @@
-"""KServe ModelServer on 127.0.0.1 with request limits.
+"""KServe ModelServer on 127.0.0.1 with request limits, V2 gRPC, readiness that follows the model, and overload
+answers.
 
-KServe 0.21 hard-codes host 0.0.0.0 in its uvicorn config; our RESTServer subclass sets the host right after
-KServe builds that config (locally 127.0.0.1; `--host 0.0.0.0` only inside a pod). A body-size middleware
-answers 413 before a large body is read, malformed JSON gets a 400 instead of KServe's generic 500, and
-client mistakes are logged as one warning line instead of an error with a traceback.
+KServe 0.21 hard-codes host 0.0.0.0 (REST) and [::] (gRPC); our server subclasses bind the given host instead
+(locally 127.0.0.1; `--host 0.0.0.0` only inside a pod). A body-size middleware answers 413 before a large body is
+read, malformed JSON gets a 400 instead of KServe's generic 500, and client mistakes are logged as one warning line
+instead of an error with a traceback. The model loads in the background: the server is live at once and ready once
+the model is. A full queue is answered 503 with Retry-After, a passed request deadline 504.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
+import kserve
+import numpy as np
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
 from starlette.responses import JSONResponse
+
+from distillery.models import files
+from distillery.serving.batching import Batcher, DeadlineExceeded, ModelFailed, Overloaded
+
+INFERENCE_HEADER = b"inference-header-content-length"
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +40,12 @@ def register_kind(name: str):
 
 
 class RequestLimits:
-    """ASGI middleware: reject oversized bodies (413) and bodies that are not JSON (400) on inference routes."""
+    """ASGI middleware on POST routes: reject oversized bodies (413) and bodies that are not JSON (400).
+
+    A body with the binary tensor extension (`Inference-Header-Content-Length: N`) is checked as N bytes of JSON
+    followed by the raw tensors. A form content type (curl's default for `-d`) on a body that is JSON is taken as
+    JSON, so `curl -d '{...}'` works without `-H 'Content-Type: application/json'`; so is a body without a content
+    type (tritonclient's JSON requests)."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -43,16 +60,29 @@ class RequestLimits:
         body, more = b"", True
         while more:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
                 return await self._error(scope, receive, send, 413,
                                          f"request body larger than {self.max_body_bytes} bytes")
-        if headers.get(b"content-type", b"application/json").startswith(b"application/json"):
-            try:
-                json.loads(body or b"null", parse_constant=_no_constants)
-            except (ValueError, UnicodeDecodeError) as e:
-                return await self._error(scope, receive, send, 400, f"request body is not valid JSON: {e}")
+        content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        binary = headers.get(INFERENCE_HEADER)
+        if binary is not None:
+            if not binary.strip().isdigit() or int(binary) > len(body):
+                return await self._error(scope, receive, send, 400, f"header {INFERENCE_HEADER.decode()} must be the "
+                                         f"byte length of the JSON part of the body (<= {len(body)}), got {binary!r}")
+            error = _json_error(body[:int(binary)])
+        elif content_type in (b"application/json", b"application/x-www-form-urlencoded"):
+            error = _json_error(body)
+            if error is None and headers.get(b"content-type") != b"application/json":  # FastAPI parses only JSON
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
+        else:
+            error = None
+        if error is not None:
+            return await self._error(scope, receive, send, 400, f"request body is not valid JSON: {error}")
         replayed = False
 
         async def replay():
@@ -69,6 +99,14 @@ class RequestLimits:
         await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
 
 
+def _json_error(raw: bytes) -> str | None:
+    try:
+        json.loads(raw or b"null", parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return str(e)
+    return None
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a JSON number (send finite numbers only)")
 
@@ -78,34 +116,148 @@ async def _client_error(request, exc):
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
+async def _overloaded(request, exc):
+    log.warning("503 %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _deadline(request, exc):
+    return JSONResponse({"error": str(exc)}, status_code=504)
+
+
+async def _unavailable(request, exc):
+    return JSONResponse({"error": str(exc)}, status_code=503)
+
+
+class ServedModel(kserve.Model):
+    """What every predictor shares: cheap checks before the server starts (`check`), the model loaded in the
+    background after the model folder's recorded hashes are verified (`load_model`), readiness that is false while
+    loading and after a fatal model error, and one dynamic `Batcher` for the model calls (`run_batch`)."""
+
+    max_items = 8  # items (prompts, observation histories) one model call takes
+
+    def __init__(self, name: str, model_dir: Path, *, batch_window_s: float = 0.01, max_queue: int = 32):
+        # A kind is built as factory(name, model_dir); serve() sets the batching options afterwards.
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.batch_window_s, self.max_queue = batch_window_s, max_queue
+        self.failure: str | None = None
+        self._loading = threading.Lock()
+        self.batcher: Batcher | None = None
+
+    def check(self) -> None:
+        """Fast checks of the model folder, run before the server starts; raise with a clear message."""
+
+    def load_model(self) -> None:
+        raise NotImplementedError
+
+    def run_batch(self, key, items: list) -> list:
+        raise NotImplementedError
+
+    def load(self) -> bool:
+        """Verify the folder against its recorded hashes, then load. Also called by KServe for a model that is
+        not ready: answered 503 while another load runs or after a failure, instead of loading twice."""
+        if self.ready:
+            return True
+        if self.failure:
+            raise ModelNotReady(self.name, self.failure)
+        if not self._loading.acquire(blocking=False):
+            raise ModelNotReady(self.name, "it is still loading")
+        try:
+            if not files.verify(self.model_dir):
+                log.warning("%s has no %s: its files cannot be checked", self.model_dir, files.HASHES)
+            self.load_model()
+            self.batcher = Batcher(self.run_batch, max_items=self.max_items, window_s=self.batch_window_s,
+                                   max_queue=self.max_queue, on_fatal=self.fail)
+            self.ready = True
+        except Exception as e:
+            self.fail(e)
+            raise
+        finally:
+            self._loading.release()
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        """A fatal model error: readiness turns false (liveness stays true) and requests get 503."""
+        self.ready = False
+        self.failure = f"{type(exc).__name__}: {exc}"
+        log.error("model %s is not ready: %s", self.name, self.failure)
+
+    async def healthy(self) -> bool:
+        return self.ready
+
+
+def v2_array(inp, datatypes: tuple[str, ...]) -> np.ndarray:
+    """A V2 input as a numpy array, whether it came as JSON data, binary tensor data or over gRPC."""
+    if inp.datatype not in datatypes:
+        raise InvalidInput(f"input '{inp.name}' must have datatype {' or '.join(datatypes)}, got {inp.datatype}")
+    try:
+        return inp.as_numpy()
+    except InvalidInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's many ways of saying the data does not fit the shape
+        raise InvalidInput(f"input '{inp.name}': data does not match datatype {inp.datatype} and shape "
+                           f"{inp.shape}: {e}") from None
+
+
+def v2_parameters(request) -> dict:
+    """A V2 request's parameters as plain values (gRPC hands over InferParameter messages)."""
+    from kserve.protocol.infer_type import to_http_parameters
+
+    params = request.parameters or {}
+    return dict(to_http_parameters(params)) if request.from_grpc else dict(params)
+
+
 def detect_kind(model_dir: Path) -> str:
-    """The predictor a model folder needs: a saved policy or a diffusers pipeline."""
+    """The predictor a model folder needs: a saved policy (its policy.json names the kind: "policy" or
+    "navigation") or a diffusers pipeline."""
     if (Path(model_dir) / "policy.json").exists():
-        return "policy"
+        return json.loads((Path(model_dir) / "policy.json").read_text()).get("kind", "policy")
     if (Path(model_dir) / "model_index.json").exists():
         return "text-to-image"
     raise FileNotFoundError(f"{model_dir} holds neither a saved policy (policy.json) nor a diffusers pipeline "
                             f"(model_index.json)")
 
 
-def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host: str = "127.0.0.1",
-          max_body_bytes: int = 1 << 20) -> None:
-    """Load the model and serve it until interrupted (V1 + V2 REST, /metrics). kind "auto" reads the folder."""
-    import kserve
-    import kserve.model_server as ms
-    import kserve.protocol.rest.server as rest
-    from kserve.errors import InvalidInput
-
+def _kinds() -> dict:
     import distillery.serving.hybrid  # noqa: F401 - registers its kinds
+    import distillery.serving.navigation  # noqa: F401 - registers its kind
     import distillery.serving.policy  # noqa: F401 - registers its kind
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 
+    return KINDS
+
+
+def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host: str = "127.0.0.1",
+          max_body_bytes: int = 1 << 20, grpc_port: int | None = 8081, batch_window_ms: float = 10.0,
+          max_queue: int = 32, after: threading.Thread | None = None) -> None:
+    """Serve a model folder until interrupted: V1 and V2 REST on `port`, V2 gRPC on `grpc_port` (None: off),
+    /metrics. The folder is checked before the server starts and loaded while it starts; readiness turns true
+    once it is loaded. kind "auto" reads the folder. `after`: a thread to wait for before loading."""
+    import kserve.model_server as ms
+    import kserve.protocol.grpc.server as grpc_server
+    import kserve.protocol.rest.server as rest
+
+    kinds = _kinds()
     if kind == "auto":
         kind = detect_kind(model_dir)
-    if kind not in KINDS:
-        raise ValueError(f"unknown predictor kind {kind!r}; available: {sorted(KINDS)}")
-    model = KINDS[kind](name, Path(model_dir))
-    model.load()
+    if kind not in kinds:
+        raise ValueError(f"unknown predictor kind {kind!r}; available: {sorted(kinds)}")
+    model = kinds[kind](name, Path(model_dir))
+    if isinstance(model, ServedModel):
+        model.batch_window_s, model.max_queue = batch_window_ms / 1000, max_queue
+        model.check()
+
+    def load_in_background():
+        try:
+            if after is not None:
+                after.join()  # imports the model's libraries; loading alongside it could race them
+            model.load()
+            log.info("model %s (%s) is ready", name, kind)
+        except Exception:  # noqa: BLE001 - logged; readiness stays false, liveness true
+            log.exception("loading %s from %s failed; the predictor stays live but not ready", name, model_dir)
+
+    threading.Thread(target=load_in_background, name="load", daemon=True).start()
 
     class RESTServerOnHost(rest.RESTServer):
         def __init__(self, *args, **kwargs):
@@ -115,8 +267,44 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
         def _add_exception_handlers(self, app):
             super()._add_exception_handlers(app)
             app.add_exception_handler(InvalidInput, _client_error)
+            app.add_exception_handler(Overloaded, _overloaded)
+            app.add_exception_handler(DeadlineExceeded, _deadline)
+            app.add_exception_handler(ModelFailed, _unavailable)
+            app.add_exception_handler(ServerNotReady, _unavailable)  # readiness probes while loading: no traceback
+            app.add_exception_handler(ModelNotReady, _unavailable)
 
-    ms.RESTServer = RESTServerOnHost  # ModelServer.start() builds its REST server from this name
+    class GRPCServerOnHost(grpc_server.GRPCServer):
+        async def start(self, max_workers):
+            # KServe listens on [::] with no option; bind the same host as REST (loopback locally).
+            make = grpc_server.aio.server
+
+            def on_host(*args, **kwargs):
+                server = make(*args, **kwargs)
+                add = server.add_insecure_port
+                server.add_insecure_port = lambda addr: add(f"{host}:{self._port}")
+                return server
+
+            grpc_server.aio = SimpleNamespace(server=on_host)
+            try:
+                await super().start(max_workers)
+            except RuntimeError as e:  # the port is taken: REST keeps serving rather than the process exiting
+                log.error("V2 gRPC is off: cannot listen on %s:%d (%s)", host, self._port, e)
+            finally:
+                grpc_server.aio = aio
+
+    from grpc import aio
+
+    ms.RESTServer = RESTServerOnHost  # ModelServer.start() builds its servers from these names
+    ms.GRPCServer = GRPCServerOnHost
     ms.app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
-    log.info("serving %s (%s) on http://%s:%d", name, kind, host, port)
-    kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([model])
+    server = kserve.ModelServer(http_port=port, grpc_port=grpc_port or 0, enable_grpc=grpc_port is not None,
+                                workers=1)
+    server.register_model(model)
+
+    async def ready() -> bool:  # KServe's server readiness is always true; ours is the model's
+        return model.ready
+
+    server.dataplane.ready = ready
+    log.info("serving %s (%s) on http://%s:%d%s", name, kind, host, port,
+             f" and grpc://{host}:{grpc_port}" if grpc_port else "")
+    server.start([])  # registered above: start() would refuse a model that is still loading

@@ -2,14 +2,17 @@
 
 V1  POST /v1/models/NAME:predict  {"instances": [{"prompt", "steps"?, "guidance"?, "seed"?, "negative_prompt"?}]}
     -> {"predictions": [{"image_png_b64", "seed", "steps"}]}
-V2  POST /v2/models/NAME/infer    input "prompt" (BYTES, [n]); steps / guidance / seed as parameters or inputs
+V2  POST /v2/models/NAME/infer    input "prompt" (BYTES, [n]); steps / guidance / seed / negative_prompt as
+    parameters or as inputs (INT32 / FP32 / INT64 / BYTES, shape [1]); also over gRPC and with the binary tensor
+    extension in both directions
     -> output "image" (BYTES, [n]): base64 PNGs in JSON (JSON carries no raw bytes), or the PNG bytes
-       themselves after the JSON header with the binary data extension (parameters.binary_data_output = true)
+       themselves after the JSON header with the binary data extension (binary_data_output), and over gRPC
+Prompt k of a request is generated with seed + k. Concurrent requests with the same steps, guidance and negative
+prompt are generated in one batched call; every image has its own generator, so it equals the unbatched one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -22,25 +25,22 @@ import kserve
 import numpy as np
 from kserve.errors import InvalidInput
 
-from distillery.serving.server import register_kind
+from distillery.serving.batching import deadline_from
+from distillery.serving.server import ServedModel, register_kind, v2_array, v2_parameters
 
 DEFAULTS = {"default_steps": 25, "max_steps": 100, "max_batch": 8, "default_guidance": 3.0, "max_guidance": 20.0,
             "max_prompt_chars": 500}
 
 
 @register_kind("text-to-image")
-class TextToImageModel(kserve.Model):
-    def __init__(self, name: str, model_dir: Path):
-        super().__init__(name)
-        self.model_dir = Path(model_dir)
+class TextToImageModel(ServedModel):
+    def __init__(self, name: str, model_dir: Path, **batching):
+        super().__init__(name, model_dir, **batching)
         self.pipe = None
         self.limits = dict(DEFAULTS)
         self._lock = threading.Lock()  # a diffusers pipeline keeps scheduler state: one generation at a time
 
-    def load(self) -> bool:
-        import torch
-        from diffusers import StableDiffusionPipeline
-
+    def check(self) -> None:
         if not (self.model_dir / "model_index.json").exists():
             raise FileNotFoundError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
         cfg = self.model_dir / "distillery.json"
@@ -53,21 +53,40 @@ class TextToImageModel(kserve.Model):
             self.limits.update({k: v for k, v in given.items() if k in DEFAULTS})
             if not 1 <= self.limits["default_steps"] <= self.limits["max_steps"]:
                 raise ValueError(f"{cfg}: default_steps must be between 1 and max_steps ({self.limits['max_steps']})")
+        self.max_items = int(self.limits["max_batch"])
+
+    def load_model(self) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
         self.pipe = StableDiffusionPipeline.from_pretrained(self.model_dir, torch_dtype=torch.float32,
                                                             use_safetensors=True)
         # A GPU when the pod has one; seeds stay portable because generators live on the CPU.
         self.pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            # oneDNN picks convolution kernels by batch size; torch's own convolutions keep a batched image closer
+            # to the unbatched one (GEMMs still round differently: at most a grey level here).
+            torch.backends.mkldnn.enabled = False
         self.pipe.set_progress_bar_config(disable=True)
         self.size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        self.ready = True
-        return True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "prompt", "datatype": "BYTES", "shape": [-1]},
+                {"name": "steps", "datatype": "INT32", "shape": [1]},
+                {"name": "guidance", "datatype": "FP32", "shape": [1]},
+                {"name": "seed", "datatype": "INT64", "shape": [1]},
+                {"name": "negative_prompt", "datatype": "BYTES", "shape": [1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
 
     # ----------------------------------------------------------------------------------- validation
 
     def _number(self, value: Any, name: str, kind: type, lo: float, hi: float) -> Any:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and isinstance(value, float) and not value.is_integer()):
             raise InvalidInput(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if not math.isfinite(float(value)) or not lo <= value <= hi:
+        if not lo <= value <= hi or (isinstance(value, float) and not math.isfinite(value)):
             raise InvalidInput(f"'{name}' must be between {lo} and {hi}, got {value!r}")
         return kind(value)
 
@@ -92,18 +111,20 @@ class TextToImageModel(kserve.Model):
             "steps": self._number(options.get("steps", self.limits["default_steps"]), "steps", int, 1, self.limits["max_steps"]),
             "guidance": self._number(options.get("guidance", self.limits["default_guidance"]), "guidance", float, 1.0,
                                      self.limits["max_guidance"]),
-            "seed": self._number(options.get("seed", 0), "seed", int, 0, 2**63 - 1),
+            "seed": self._number(options.get("seed", 0), "seed", int, 0, 2**63 - 1 - len(prompts)),
             "negative_prompt": neg,
         }
 
-    def _generate(self, req: dict) -> list[bytes]:
+    def run_batch(self, key: tuple, items: list[tuple[str, int]]) -> list[bytes]:
+        """One pipeline call for prompts that share (steps, guidance, negative prompt), each with its own seed."""
         import torch
 
-        n = len(req["prompts"])
-        gens = [torch.Generator().manual_seed(req["seed"] + i) for i in range(n)]
+        steps, guidance, negative = key
+        prompts = [p for p, _ in items]
+        gens = [torch.Generator().manual_seed(seed) for _, seed in items]
         with self._lock, torch.inference_mode():
-            images = self.pipe(req["prompts"], num_inference_steps=req["steps"], guidance_scale=req["guidance"],
-                               negative_prompt=[req["negative_prompt"]] * n if req["negative_prompt"] else None,
+            images = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                               negative_prompt=[negative] * len(prompts) if negative else None,
                                height=self.size, width=self.size, generator=gens).images
         out = []
         for img in images:
@@ -112,11 +133,16 @@ class TextToImageModel(kserve.Model):
             out.append(buf.getvalue())
         return out
 
+    async def _generate(self, req: dict, headers: dict | None) -> list[bytes]:
+        items = [(p, req["seed"] + k) for k, p in enumerate(req["prompts"])]
+        return await self.batcher.submit((req["steps"], req["guidance"], req["negative_prompt"]), items,
+                                         deadline_from(headers))
+
     # ------------------------------------------------------------------------------------ protocols
 
     async def predict(self, payload: Any, headers: dict | None = None, response_headers: dict | None = None):
         if isinstance(payload, kserve.InferRequest):
-            return await self._predict_v2(payload)
+            return await self._predict_v2(payload, headers)
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
             raise InvalidInput('V1 body must be {"instances": [{"prompt": "...", ...}]}')
         instances = payload["instances"]
@@ -132,37 +158,42 @@ class TextToImageModel(kserve.Model):
         if any("prompt" not in i for i in instances):
             raise InvalidInput("missing 'prompt' in an instance")
         req = self._request([i["prompt"] for i in instances], first)
-        pngs = await asyncio.get_running_loop().run_in_executor(None, self._generate, req)
+        pngs = await self._generate(req, headers)
         return {"predictions": [{"image_png_b64": base64.b64encode(p).decode(), "seed": req["seed"] + k,
                                  "steps": req["steps"]} for k, p in enumerate(pngs)]}
 
-    async def _predict_v2(self, request: kserve.InferRequest) -> kserve.InferResponse:
+    async def _predict_v2(self, request: kserve.InferRequest, headers: dict | None) -> kserve.InferResponse:
         by_name = {i.name: i for i in request.inputs}
-        if "prompt" not in by_name:
-            raise InvalidInput("V2 request needs an input named 'prompt' (datatype BYTES)")
-        prompt = by_name["prompt"]
-        if prompt.datatype != "BYTES":
-            raise InvalidInput(f"input 'prompt' must have datatype BYTES, got {prompt.datatype}")
-        data = prompt.data if isinstance(prompt.data, list) else []
-        if len(prompt.shape) != 1 or prompt.shape[0] != len(data):
-            raise InvalidInput(f"input 'prompt' shape {prompt.shape} does not match its {len(data)} values")
-        prompts = [d.decode() if isinstance(d, bytes) else d for d in data]
+        unknown = set(by_name) - {"prompt", "steps", "guidance", "seed", "negative_prompt"}
+        if unknown or "prompt" not in by_name:
+            raise InvalidInput("V2 request needs an input named 'prompt' (datatype BYTES, shape [n]) and may have "
+                               f"steps, guidance, seed, negative_prompt; got {sorted(by_name)}")
+        prompt = v2_array(by_name["prompt"], ("BYTES",))
+        if prompt.ndim != 1:
+            raise InvalidInput(f"input 'prompt' must have shape [n], got {list(prompt.shape)}")
+        prompts = [_text(d, "prompt") for d in prompt]
         requested = request.request_outputs or []
         if any(o.name != "image" for o in requested):
             raise InvalidInput(f"unknown output(s) {[o.name for o in requested if o.name != 'image']}; "
                                "this model has one output, 'image'")
         # KServe's own switch for the binary data extension; everything else is a generation option.
-        options = {k: v for k, v in (request.parameters or {}).items() if k != "binary_data_output"}
-        binary = bool(requested[0].binary_data) if requested else request.use_binary_outputs
-        for name in ("steps", "guidance", "seed"):
+        options = {k: v for k, v in v2_parameters(request).items() if k != "binary_data_output"}
+        kinds = {"steps": ("INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16"),
+                 "guidance": ("FP32", "FP64", "FP16"), "seed": ("INT64", "UINT64", "INT32", "UINT32"),
+                 "negative_prompt": ("BYTES",)}
+        for name in kinds:
             if name in by_name:
-                values = by_name[name].data
-                if not isinstance(values, list) or len(values) != 1:
+                values = v2_array(by_name[name], kinds[name]).reshape(-1)
+                if len(values) != 1:
                     raise InvalidInput(f"input '{name}' must hold exactly one value")
-                options[name] = values[0]
+                options[name] = _text(values[0], name) if name == "negative_prompt" else values[0].item()
         req = self._request(prompts, options)
-        pngs = await asyncio.get_running_loop().run_in_executor(None, self._generate, req)
-        if binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them)
+        pngs = await self._generate(req, headers)
+        binary = True if request.from_grpc else bool(requested[0].binary_data) if requested \
+            else request.use_binary_outputs
+        if request.from_grpc:  # KServe's to_grpc takes a list (a numpy array fails its truth test)
+            data, content_type = list(pngs), "image/png"
+        elif binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them)
             data, content_type = np.array(pngs, dtype=np.object_), "image/png"
         else:
             data, content_type = [base64.b64encode(p).decode() for p in pngs], "image/png;base64"
@@ -171,3 +202,12 @@ class TextToImageModel(kserve.Model):
         return kserve.InferResponse(model_name=self.name, infer_outputs=[out], response_id=request.id or "",
                                     parameters={"steps": req["steps"], "seed": req["seed"]},
                                     use_binary_outputs=binary, requested_outputs=request.request_outputs)
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"'{name}' must be UTF-8 text") from None
+    return value

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distillery.models.files import share_readable
+from distillery.models.files import seal
 from distillery.models.training import LogFn, make_fabric, resumable_loop
 from distillery.papers.mode.model import (ExpertCache, MoDEConfig, MoDEPolicy, edm_loss, freeze_sampler, karras_sigmas,
                                           sample)
@@ -99,7 +99,7 @@ def save_policy(out: Path, policy: MoDEPolicy, *, sampling_steps: int, obs_mean,
         "kind": "policy", "config": asdict(policy.cfg), "sampling_steps": sampling_steps,
         "obs_mean": np.asarray(obs_mean).tolist(), "obs_std": np.asarray(obs_std).tolist(), "tasks": tasks,
         "instructions": instructions, "goal_embeddings": goals.tolist()}))
-    share_readable(out)
+    seal(out)
 
 
 SAMPLERS = ("frozen", "cached", "uncached")

@@ -7,8 +7,10 @@ One training loop, three methods (`DistillConfig.method`):
 - ``scott``: the teacher solver is stochastic — DDIM with noise strength eta (eta = 0 is the ODE step, eta = 1
   the ancestral / Euler–Maruyama step of the reverse SDE) — and solves the skipped interval in several
   sub-steps, which SCott finds gives a better target at few sampling steps.
-- ``scott-adv``: SCott plus a hinge adversarial loss from a discriminator that sees the student's clean-latent
-  estimate (or a real latent) together with the text embedding and the timestep.
+- ``scott-adv``: SCott plus a hinge adversarial loss. The discriminator (`discriminator.py`) is built on the
+  frozen teacher: the student's clean-latent estimate (or a real latent) is re-noised to a sampled timestep and
+  trainable heads read the teacher UNet's features, conditioned on the text embedding and that timestep
+  (``discriminator="teacher"``); ``"latent"`` is a standalone conv net on clean latents (the ablation).
 
 The student uses the consistency parameterization f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with the
 scalings of diffusers' `LCMScheduler` (f(x, 0) = x), so it is saved as an ordinary `StableDiffusionPipeline`
@@ -29,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distillery.models import tiny_sd
-from distillery.models.files import share_readable
-from distillery.models.training import make_fabric, resumable_loop
+from distillery.models.files import seal
+from distillery.models.training import all_reduce_gradients, make_fabric, resumable_loop
+from distillery.papers.scott.discriminator import DISCRIMINATORS, adversarial_losses, make_discriminator
 
 METHODS = ("cd-ode", "scott", "scott-adv")
 
@@ -51,16 +53,18 @@ class DistillConfig:
     guidance_scale: float = 3.0  # classifier-free guidance distilled into the student
     ema_decay: float = 0.95
     adv_weight: float = 0.1  # scott-adv only
+    discriminator: str = "teacher"  # scott-adv only: "teacher" (frozen teacher features + heads) or "latent"
     disc_lr: float = 2e-4
     huber_c: float = 1e-3
     seed: int = 0
 
     def effective(self) -> "DistillConfig":
         """The method decides which parts are on: CD-ODE is one deterministic DDIM step and no adversary."""
+        no_adversary = dict(adv_weight=0.0, discriminator=DistillConfig.discriminator)
         if self.method == "cd-ode":
-            return replace(self, noise_strength=0.0, solver_substeps=1, adv_weight=0.0)
+            return replace(self, noise_strength=0.0, solver_substeps=1, **no_adversary)
         if self.method == "scott":
-            return replace(self, adv_weight=0.0)
+            return replace(self, **no_adversary)
         return self
 
     def check(self, num_train_timesteps: int = 1000) -> "DistillConfig":
@@ -82,6 +86,8 @@ class DistillConfig:
             problems.append(f"guidance_scale must be in [1, 30], got {self.guidance_scale}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.discriminator not in DISCRIMINATORS:
+            problems.append(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
         if self.adv_weight < 0:
             problems.append(f"adv_weight must be >= 0, got {self.adv_weight}")
         if problems:
@@ -148,39 +154,6 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a - b).pow(2).flatten(1).mean(1) + c ** 2) - c).mean()
 
 
-# -------------------------------------------------------------------------------------- adversary
-
-
-class LatentDiscriminator(nn.Module):
-    """Projection discriminator on clean latents, conditioned on the (mean-pooled) text embedding and the timestep."""
-
-    def __init__(self, latent_channels: int = 4, text_dim: int = 384, width: int = 64, t_dim: int = 64):
-        super().__init__()
-        self.t_dim = t_dim
-        self.body = nn.Sequential(
-            nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.GroupNorm(8, 2 * width), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU())
-        self.cond = nn.Sequential(nn.Linear(text_dim + t_dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
-        self.out = nn.Linear(2 * width, 1)
-
-    def forward(self, z: torch.Tensor, text: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from diffusers.models.embeddings import get_timestep_embedding
-
-        h = self.body(z).mean((2, 3))
-        pooled = text.mean(1) if text.dim() == 3 else text
-        c = self.cond(torch.cat([pooled, get_timestep_embedding(t, self.t_dim)], 1))
-        return self.out(h).squeeze(1) + (h * c).sum(1)
-
-
-def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-
-
-def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    return -fake_logits.mean()
-
-
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -245,21 +218,31 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
     student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
     target = copy.deepcopy(teacher_unet).eval().requires_grad_(False)  # EMA of the student
     parts = {"student": student, "target": target}
-    # Student and discriminator are each set up by Fabric (DDP modules under several processes) with an optimizer
-    # of their own, so each backward below syncs the gradients of exactly one of them. The frozen teacher and the
-    # EMA target are plain modules: the target follows the synced student, so it is the same on every rank.
+    # Student and discriminator each have an optimizer of their own. The student is a DDP module under several
+    # processes; the discriminator stays a plain module whose gradients are averaged by hand after its backward
+    # (the teacher-feature one is entered through `features`/`logits`, which a DDP wrapper would not see). The
+    # frozen teacher and the EMA target are plain modules: the target follows the synced student on every rank.
     student_ddp, opt = fabric.setup(student, torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0))
-    optimizers, disc, disc_ddp = {"optimizer": opt}, None, None
+    optimizers, disc = {"optimizer": opt}, None
     if cfg.adv_weight > 0:
-        disc = LatentDiscriminator(teacher_unet.config.in_channels, embeddings.shape[-1])
+        disc = fabric.to_device(make_discriminator(cfg.discriminator, teacher_unet, embeddings.shape[-1]))
         parts["discriminator"] = disc
-        disc_ddp, optimizers["disc_optimizer"] = fabric.setup(disc, torch.optim.AdamW(
+        optimizers["disc_optimizer"] = fabric.setup_optimizers(torch.optim.AdamW(
             disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999), weight_decay=0.0))
     model = nn.ModuleDict(parts)  # every trained part, for the checkpoint
     target, teacher_unet = fabric.to_device(target), fabric.to_device(teacher_unet)
     ac = fabric.to_device(sched.alphas_cumprod.float())
     grid = torch.arange(1, n_train // cfg.skip + 1) * cfg.skip - 1  # the timesteps LCMScheduler samples at
     gen = torch.Generator().manual_seed(cfg.seed + fabric.global_rank)  # each rank its own batches and noise
+
+    def adversary_draw(t: torch.Tensor) -> tuple:
+        """The latent discriminator judges clean latents at the student's t; the teacher-feature one its own
+        re-noising timestep (uniform on the student's grid) and noise."""
+        if not getattr(disc, "renoises", False):
+            return (t,)
+        t_adv = grid[torch.randint(len(grid), (len(t),), generator=gen)]
+        t_adv, noise = fabric.to_device((t_adv, torch.randn((len(t), *mean.shape[1:]), generator=gen)))
+        return t_adv, noise, ac
 
     def step_fn(_: int) -> dict:
         b = cfg.batch_size
@@ -278,30 +261,29 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
             goal = consistency_fn(target, x_s, s, cond, sched, ac)
         pred = consistency_fn(student_ddp, x_t, t, cond, sched, ac)
         loss_cd = pseudo_huber(pred.float(), goal.float(), cfg.huber_c)
-        loss = loss_cd
+        loss, adv = loss_cd, {}
         opt.zero_grad(set_to_none=True)
         if disc is not None:
-            # The generator loss must not train the discriminator: it goes through the plain module with frozen
-            # weights (the DDP wrapper would wait for discriminator gradients this backward never computes).
-            disc.requires_grad_(False)
-            with fabric.autocast():
-                loss = loss + cfg.adv_weight * generator_adversarial_loss(disc(pred, cond, t))
-            disc.requires_grad_(True)
-        fabric.backward(loss)
+            g_loss, d_loss, adv = adversarial_losses(disc, pred, z0, cond, *adversary_draw(t))
+            loss = loss + cfg.adv_weight * g_loss
+        fabric.backward(loss, inputs=list(student.parameters()))  # the generator loss must not train the discriminator
         if disc is not None:
             optimizers["disc_optimizer"].zero_grad(set_to_none=True)
-            d_loss = discriminator_hinge_loss(disc_ddp(z0, cond, t), disc_ddp(pred.detach(), cond, t))
-            fabric.backward(d_loss)  # one backward over both calls: DDP reduces each parameter once
+            fabric.backward(d_loss, inputs=list(disc.parameters()))
+            all_reduce_gradients(fabric, disc)
             optimizers["disc_optimizer"].step()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             for p_target, p_student in zip(target.parameters(), student.parameters()):
                 p_target.lerp_(p_student, 1 - cfg.ema_decay)
-        return {"loss": loss_cd.item()}
+        return {"loss": loss_cd.item(), **adv}
 
-    fingerprint = dict(cfg=asdict(cfg), teacher=str(teacher.unet.config), data=len(images),
-                       optimizers=sorted(optimizers))  # a checkpoint of the one-optimizer loop is refused clearly
+    # `steps` is left out: the first k steps do not depend on it (constant lr), so a longer run continues a
+    # shorter one's checkpoint (the sweep's successive-halving rungs train the same trial further). The optimizers
+    # are in: a checkpoint of the one-optimizer loop is refused clearly.
+    fingerprint = dict(cfg=asdict(replace(cfg, steps=0)), teacher=str(teacher.unet.config), data=len(images),
+                       optimizers=sorted(optimizers))
     metrics = resumable_loop(cfg.method, model, optimizers, cfg.steps, checkpoint_dir, checkpoint_every, gen,
                              step_fn, on_log, log_every, fingerprint, fabric=fabric)
     student = parts["student"].cpu().float().eval().requires_grad_(False)
@@ -313,7 +295,7 @@ def distill(teacher_dir: Path, dataset, out_dir: Path, cfg: DistillConfig, *, ch
             "kind": "text-to-image", "default_steps": 2, "max_steps": max_steps, "default_guidance": 1.0,
             "max_guidance": 1.0, "resolution": size, "method": cfg.method,
             "distilled_guidance_scale": cfg.guidance_scale}))
-        share_readable(out)
+        seal(out)
     fabric.barrier()
     return {**{k.replace(f"{cfg.method}_", "distill_"): v for k, v in metrics.items()},
             "noise_strength": cfg.noise_strength, "adv_weight": cfg.adv_weight}

@@ -105,3 +105,14 @@ def headline(rows: list[dict], candidate: str, teacher: str = "teacher",
     out["monotone_in_steps"] = float(all(b["fd"] <= a["fd"] * 1.05 for a, b in zip(mine, mine[1:])))
     return out
 
+
+
+def pick_winner(rows: list[dict], candidates: list[str], metric: str = "fd",
+                steps: int = HEADLINE_STUDENT_STEPS) -> str:
+    """The candidate with the lowest `metric` at `steps` (the gate's metric): the method a run releases, whichever
+    it is. A candidate without a row at `steps` is an error, not a loss."""
+    by = {(r["model"], r["steps"]): r for r in rows}
+    missing = [c for c in candidates if (c, steps) not in by]
+    if not candidates or missing:
+        raise ValueError(f"cannot pick a release: no {steps}-step row for {missing or 'any candidate'}")
+    return min(candidates, key=lambda c: by[(c, steps)][metric])
