@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _serve(release: Path, kind: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(release), "--model-name",
-                             "hybrid-sd", "--kind", kind, "--http-port", str(port), "--max-body-bytes", str(8 << 20)],
+                             "hybrid-sd", "--kind", kind, "--http-port", str(port), "--grpc-port", "0",
+                             "--max-body-bytes", str(8 << 20)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -43,8 +43,8 @@ def _start(model_dir, name, kind, log):
     port = _free_port()
     sink = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
-                             "--model-name", name, "--kind", kind, "--http-port", str(port), "--max-body-bytes",
-                             str(8 << 20)], stdout=sink, stderr=subprocess.STDOUT)
+                             "--model-name", name, "--kind", kind, "--http-port", str(port), "--grpc-port", "0",
+                             "--max-body-bytes", str(8 << 20)], stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
