@@ -38,7 +38,7 @@ def _serve(release: Path, kind: str, port: int) -> subprocess.Popen:
         try:
             if requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
                 return proc
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"{kind} predictor not ready")

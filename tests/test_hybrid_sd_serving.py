@@ -51,7 +51,7 @@ def _start(model_dir, name, kind, log):
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return proc, url, sink
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
             time.sleep(0.3)
         if proc.poll() is not None:
             pytest.fail(f"{kind} server exited: {log.read_text()[-3000:]}")
