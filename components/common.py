@@ -71,7 +71,8 @@ def deploy(
     from distillery.platform.stepping import run_step
     from distillery.steps import release
 
-    result = run_step(release.deploy, pipeline=pipeline, step="deploy",
+    step = f"deploy-{kind}" if kind in release.SERVICE_SUFFIX else "deploy"
+    result = run_step(release.deploy, pipeline=pipeline, step=step,
                       kfp_run_id=kfp_run_id, model_name=model_name, version=version, kind=kind, gpu=gpu,
                       manifest_path=manifest.path)
     return str(result["status"])

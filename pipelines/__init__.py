@@ -6,9 +6,10 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
+    from pipelines.hybrid_sd import hybrid_sd
     from pipelines.mode import mode
     from pipelines.scott import scott
     from pipelines.smdp_nav import smdp_nav
     from pipelines.tiny_sd import tiny_sd
 
-    return {"tiny-sd": tiny_sd, "scott": scott, "mode": mode, "smdp-nav": smdp_nav}
+    return {"tiny-sd": tiny_sd, "scott": scott, "mode": mode, "hybrid-sd": hybrid_sd, "smdp-nav": smdp_nav}

@@ -52,6 +52,23 @@ _SCOTT = {
     "student_eval_steps": dict(min_length=1, max_length=8),
 }
 
+_HYBRID = {
+    **_SD_TRAINING,
+    "score_shards": dict(min_length=1, max_length=64),
+    "score_prompts": dict(ge=2, le=10_000),
+    "score_steps": dict(ge=1, le=1000),
+    "kd_steps": dict(ge=1),
+    "kd_batch_size": dict(ge=1, le=4096),
+    "kd_lr": dict(gt=0.0, lt=1.0),
+    "tiny_vae_steps": dict(ge=1),
+    "tiny_vae_batch_size": dict(ge=1, le=4096),
+    "tiny_vae_lr": dict(gt=0.0, lt=1.0),
+    "tiny_vae_adv_weight": dict(ge=0.0),
+    "splits": dict(min_length=1, max_length=32),
+    "orders": dict(min_length=1, max_length=2),
+    "headline_split": dict(ge=0),
+}
+
 _MODE = {
     "episodes_per_task": dict(ge=1, le=10_000),
     "min_episodes_per_task": dict(ge=1),
@@ -91,7 +108,7 @@ _SMDP_NAV = {
 }
 
 CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE,
-                                          "smdp-nav": _SMDP_NAV}
+                                          "smdp-nav": _SMDP_NAV, "hybrid-sd": _HYBRID}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -122,6 +139,25 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     gate_thresholds={"success_rate": ["min", 0.5]}),
         "paper": dict(train_per_level=1000, eval_per_level=200, sim_budget_s=2_000_000.0, num_envs=64, hidden=256,
                       irsim_scenarios=100, gpu=True, gate_thresholds={"success_rate": ["min", 0.7]}),
+    },
+    "hybrid-sd": {
+        "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, score_prompts=2, score_steps=2,
+                      kd_steps=4, kd_batch_size=8, tiny_vae_steps=6, tiny_vae_batch_size=8, eval_steps=5,
+                      splits=[0, 2, 5], headline_split=2, eval_per_class=2,
+                      gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1e6],
+                                       "cloud_flops_ratio_large_small": ["max", 1.0]}),
+        "cpu": dict(per_class=300, feature_steps=1000, vae_steps=1500, unet_steps=4000, score_prompts=16,
+                    score_steps=10, kd_steps=1500, tiny_vae_steps=1500, eval_steps=25, splits=[0, 5, 10, 20, 25],
+                    headline_split=10, eval_per_class=24,
+                    gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1.15],
+                                     "cloud_flops_ratio_large_small": ["max", 0.4]}),
+        "paper": dict(resolution=64, per_class=2000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
+                      vae_batch_size=128, unet_batch_size=128, score_shards=[0, 1, 2, 3], score_prompts=64,
+                      score_steps=25, kd_steps=50_000, kd_batch_size=128, tiny_vae_steps=50_000,
+                      tiny_vae_batch_size=128, eval_steps=25, splits=[0, 5, 10, 15, 20, 25], headline_split=10,
+                      eval_per_class=500, gpu=True,
+                      gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1.15],
+                                       "cloud_flops_ratio_large_small": ["max", 0.4]}),
     },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,
@@ -172,9 +208,22 @@ def _smdp_durations(p: dict[str, Any]) -> str | None:
     return "; ".join(problems) or None
 
 
+def _hybrid_splits(p: dict[str, Any]) -> str | None:
+    problems = []
+    if any(not 0 <= int(k) <= p["eval_steps"] for k in p["splits"]):
+        problems.append(f"splits must lie in [0, eval_steps={p['eval_steps']}], got {p['splits']}")
+    if p["headline_split"] not in p["splits"]:
+        problems.append(f"headline_split {p['headline_split']} must be one of splits {p['splits']}")
+    if not set(p["orders"]) <= {"large-small", "small-large"} or "large-small" not in p["orders"]:
+        problems.append(f"orders must include large-small (the released order) and may add small-large, "
+                        f"got {p['orders']}")
+    return "; ".join(problems) or None
+
+
 # Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
 CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
-                                                                    "smdp-nav": [_smdp_durations]}
+                                                                    "smdp-nav": [_smdp_durations],
+                                                                    "hybrid-sd": [_hybrid_splits]}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:

@@ -190,6 +190,32 @@ def serve(
     start(model_dir=Path(model_dir), name=name, kind=kind, port=port or s.serve_port, host=s.serve_host)
 
 
+@app.command()
+def edge(
+    release_dir: Path = typer.Argument(..., help="A hybrid-sd release folder (cloud/, edge/, hybrid.json)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
+    cloud: str = typer.Option("http://127.0.0.1:8080", help="URL of the hybrid-cloud predictor."),
+    name: str = typer.Option("hybrid-sd", help="Model name the cloud predictor serves."),
+    seed: int = typer.Option(0, help="Seed of the first prompt (the next ones count up)."),
+    out: Path = typer.Option(Path("edge"), help="Folder for the PNG images."),
+):
+    """Hybrid SD on this machine as the edge: the cloud predictor runs the first k steps, the release's small UNet
+    and tiny VAE finish them here."""
+    from PIL import Image
+
+    from distillery.serving.hybrid import edge_client
+
+    try:
+        images, stats = edge_client(cloud, name, release_dir, prompt, seed)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i:02d}.png")
+    console.print(f"{len(images)} image(s) in {out}: {stats['split']} of {stats['steps']} steps in the cloud "
+                  f"({stats['cloud_s']:.2f} s, {stats['bytes_from_cloud']} bytes), {stats['total_s']:.2f} s in all")
+
+
 @models_app.command("list")
 def models_list():
     """Registered models with their versions, aliases and champion metrics."""

@@ -248,14 +248,19 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
 
 def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_class: int, steps: int,
                            guidance_scale: float, seed: int = 0, clip_path: str | Path | None = None,
-                           grid_per_class: int = 8, latency_probes: int = 3) -> dict:
+                           grid_per_class: int = 8, latency_probes: int = 3, generate_fn=None) -> dict:
     """Generate `num_per_class` images for every class prompt with fixed seeds and compare them with the
     held-out real images: Frechet and kernel distance in the feature network's space (`fd`, `kid`; also
     `fd_clip` when a CLIP vision model is given) with a bootstrap 95% interval for FD (`fd_ci_low/high`),
     conditional accuracy (does the feature network see the prompted class) with its interval, and UNet
     evaluations per image (counted, so guidance shows as 2 per step). Latency is reported twice, because the
     two answer different questions: `latency_s` is one image at batch 1 (median of `latency_probes` calls: what a
-    user of the endpoint waits), `latency_batch_s` the per-image share of the batched generation (throughput)."""
+    user of the endpoint waits), `latency_batch_s` the per-image share of the batched generation (throughput).
+    `generate_fn(prompts, seeds) -> uint8 images` replaces the pipeline's own sampling (e.g. a hybrid of two
+    UNets); `unet_evals_per_image` still counts `pipe.unet`'s evaluations."""
+    if generate_fn is None:
+        def generate_fn(prompts, seeds):
+            return generate(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
     prompts = list(holdout.class_prompts)
     if not prompts:
         raise ValueError("the dataset has no class_prompts; evaluation needs one prompt per class")
@@ -278,8 +283,7 @@ def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_cl
         for c, prompt in enumerate(prompts):
             seeds = [seed * 100_003 + c * num_per_class + i for i in range(num_per_class)]
             t = time.perf_counter()
-            generated.append(generate(pipe, [prompt] * num_per_class, seeds, steps=steps,
-                                      guidance_scale=guidance_scale))
+            generated.append(generate_fn([prompt] * num_per_class, seeds))
             seconds += time.perf_counter() - t
     finally:
         hook.remove()
@@ -287,7 +291,7 @@ def evaluate_text_to_image(pipe, holdout, feature_net: FeatureNet, *, num_per_cl
     single = []
     for i in range(latency_probes):
         t = time.perf_counter()
-        generate(pipe, [prompts[i % len(prompts)]], [seed + i], steps=steps, guidance_scale=guidance_scale)
+        generate_fn([prompts[i % len(prompts)]], [seed + i])
         single.append(time.perf_counter() - t)
 
     wanted = np.repeat(np.arange(len(prompts)), num_per_class)

@@ -36,7 +36,7 @@ SECRET_ENV_OPTIONAL: dict[str, str] = {k: k for k in ("MLFLOW_TRACKING_USERNAME"
 COMPUTE_STEPS = frozenset({
     "train-feature-net", "train-vae", "train-unet", "train-policy", "sweep-worker", "distill",
     "collect-demos", "evaluate-text-to-image", "evaluate-policies", "evaluate-students", "train-navigation",
-    "evaluate-navigation",
+    "evaluate-navigation", "score-layers", "prune-unet", "distill-small", "train-tiny-vae", "evaluate-hybrid",
 })
 # Of those, the ones that get an accelerator in a GPU profile (evaluation samples the diffusion models too;
 # navigation is evaluated by stepping numpy simulators, on CPU).

@@ -220,6 +220,7 @@ def detect_kind(model_dir: Path) -> str:
 
 
 def _kinds() -> dict:
+    import distillery.serving.hybrid  # noqa: F401 - registers its kinds
     import distillery.serving.navigation  # noqa: F401 - registers its kind
     import distillery.serving.policy  # noqa: F401 - registers its kind
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind

@@ -39,6 +39,9 @@ def register(*, model_dir: str, metrics: dict, model_name: str) -> dict:
     return {"version": version, "registered_version": float(version)}
 
 
+SERVICE_SUFFIX = {"hybrid-cloud": "cloud", "hybrid-edge": "edge"}
+
+
 def deploy(*, model_name: str, version: str, kind: str, gpu: bool, manifest_path: str) -> dict:
     """Render the InferenceService for this version; apply it and wait until Ready unless DISTILLERY_DEPLOY_MODE=render.
     Fails (DeployError) when it cannot apply: a deploy that silently did nothing would look like a release."""
@@ -46,7 +49,9 @@ def deploy(*, model_name: str, version: str, kind: str, gpu: bool, manifest_path
 
     s = get_settings()
     image = s.image_gpu if gpu else s.image  # GPU predictors need the CUDA build
-    isvc = k8s.render_inference_service(model_name, registry.storage_uri(model_name, version), image=image,
+    # One registered version can back several predictors (hybrid-sd's cloud and edge): each its own service.
+    service = f"{model_name}-{SERVICE_SUFFIX[kind]}" if kind in SERVICE_SUFFIX else model_name
+    isvc = k8s.render_inference_service(service, registry.storage_uri(model_name, version), image=image,
                                         namespace=s.namespace, gpu=gpu, args=["--kind", kind])
     _log_text(k8s.to_yaml(isvc), "inferenceservice.yaml")
     result = k8s.deploy(isvc)

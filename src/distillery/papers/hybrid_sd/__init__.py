@@ -1,0 +1,1 @@
+"""Hybrid SD: edge-cloud collaborative text-to-image diffusion (plain PyTorch / diffusers)."""
