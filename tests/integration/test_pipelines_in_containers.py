@@ -143,25 +143,3 @@ def test_tiny_sd_smoke_runs_in_containers(cluster_like, image, s3):
     print(f"tiny-sd smoke in containers: {seconds:.1f} s")
     _check_lineage(client, "tiny-sd", "tiny-sd-ct", {"data", "validate", "feature-net", "train-vae", "train-unet",
                                                      "evaluate", "gate", "register", "deploy"}, image, s3)
-
-
-def test_scott_smoke_runs_in_containers_with_workers_sharing_one_postgres_study(cluster_like, image, s3):
-    import optuna
-
-    run, client, env = cluster_like
-    overrides = dict(model_name="scott-ct", per_class=12, feature_steps=5, vae_steps=5, unet_steps=5,
-                     trial_steps=2, distill_steps=2, distill_batch_size=8)
-    seconds = run("scott", overrides)
-    print(f"scott smoke in containers: {seconds:.1f} s")
-    methods = ("cd-ode", "scott", "scott-adv")
-    _check_lineage(client, "scott", "scott-ct", {"data", "validate", "feature-net", "train-vae", "train-unet",
-                                                 *(f"sweep-{m}-{w}" for m in methods for w in (0, 1)),
-                                                 *(f"select-best-{m}" for m in methods),
-                                                 *(f"distill-{m}" for m in methods),
-                                                 "evaluate", "gate", "register", "deploy"}, image, s3)
-    # Both workers of each method, each in its own container, wrote their trials into that method's one study on
-    # PostgreSQL.
-    from distillery.platform.sweeps import storage
-
-    studies = optuna.get_all_study_summaries(storage(env["DISTILLERY_OPTUNA_STORAGE"]))
-    assert len(studies) == 3 and all(s.n_trials == 2 for s in studies), [(s.study_name, s.n_trials) for s in studies]
