@@ -152,24 +152,6 @@ def test_served_student_answers_v1_and_v2_with_the_steps_asked(smoke, served):
     assert r.status_code == 400 and "steps" in r.text
 
 
-def test_imported_teacher_branch_skips_teacher_training(smoke):
-    """teacher_uri set: dsl.importer brings in the given pipeline folder; the teacher is not trained again."""
-    home, _ = smoke
-    teachers = sorted(p.parent for p in home.rglob("train-unet/model/model_index.json"))
-    assert teachers, "the first run left no teacher model"
-    proc = _cli(home, "run", "scott", "--profile", "smoke", "--cache", "--set", f"teacher_uri={teachers[0]}",
-                "--set", "trial_steps=1", "--set", "distill_steps=2", "--set", "teacher_eval_steps=[25]",
-                "--set", "student_eval_steps=[2]")
-    client = _mlflow(home)
-    runs = _runs(client, "distillery/scott")
-    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
-    assert len(parents) == 2 and parents[-1].info.status == "FINISHED", proc.stdout[-3000:]
-    children = _children(runs, parents[-1])
-    assert {"distill-scott-adv", "evaluate", "gate"} <= set(children)
-    assert not {"train-vae", "train-unet"} & set(children)
-    assert json.loads(children["evaluate"].data.params["teacher_steps"].replace("'", '"')) == [25]
-
-
 def test_scott_notebook_executes_headless(smoke, monkeypatch):
     home, _ = smoke
     nb = run_notebook("scott_table.ipynb", home, monkeypatch)
