@@ -26,7 +26,7 @@ def _env(home: Path) -> dict:
 
 def _cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "distillery.cli", *args], cwd=REPO, env=_env(home),
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=2700)
     if check and proc.returncode != 0:
         pytest.fail(f"distillery {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}")
     return proc
