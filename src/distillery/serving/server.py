@@ -149,9 +149,11 @@ class ServedModel(kserve.Model):
         """Fast checks of the model folder, run before the server starts; raise with a clear message."""
 
     def load_model(self) -> None:
+        """Each kind loads its own model (text-to-image, policy, navigation); the base has none to load."""
         raise NotImplementedError
 
     def run_batch(self, key, items: list) -> list:
+        """Each kind answers one merged batch of compatible items, in order; the base has no model to call."""
         raise NotImplementedError
 
     def load(self) -> bool:
