@@ -12,8 +12,6 @@ change a command).
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
 from typing import Any
 
 import kserve
@@ -21,24 +19,17 @@ import numpy as np
 from kserve.errors import InvalidInput
 
 from distillery.serving.batching import deadline_from
-from distillery.serving.server import ServedModel, register_kind, v2_array
+from distillery.serving.policy import PolicyFolderModel
+from distillery.serving.server import register_kind, v2_array
 
 MAX_BATCH = 256
 FIELDS = ("scan", "goal", "velocity")
 
 
 @register_kind("navigation")
-class NavigationModel(ServedModel):
+class NavigationModel(PolicyFolderModel):
     max_items = MAX_BATCH
-
-    def __init__(self, name: str, model_dir: Path, **batching):
-        super().__init__(name, model_dir, **batching)
-        self.policy = None
-        self._lock = threading.Lock()
-
-    def check(self) -> None:
-        if not (self.model_dir / "policy.json").exists():
-            raise FileNotFoundError(f"{self.model_dir} is not a saved navigation policy (no policy.json)")
+    saved_as = "navigation policy"
 
     def load_model(self) -> None:
         import torch

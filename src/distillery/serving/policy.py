@@ -28,9 +28,10 @@ from distillery.serving.server import ServedModel, register_kind, v2_array, v2_p
 MAX_BATCH = 64
 
 
-@register_kind("policy")
-class PolicyModel(ServedModel):
-    max_items = MAX_BATCH
+class PolicyFolderModel(ServedModel):
+    """A predictor of a saved policy folder (policy.json + weights): one policy, called under one lock."""
+
+    saved_as = "policy"  # what the folder must be, for the error message
 
     def __init__(self, name: str, model_dir: Path, **batching):
         super().__init__(name, model_dir, **batching)
@@ -39,7 +40,12 @@ class PolicyModel(ServedModel):
 
     def check(self) -> None:
         if not (self.model_dir / "policy.json").exists():
-            raise FileNotFoundError(f"{self.model_dir} is not a saved policy (no policy.json)")
+            raise FileNotFoundError(f"{self.model_dir} is not a saved {self.saved_as} (no policy.json)")
+
+
+@register_kind("policy")
+class PolicyModel(PolicyFolderModel):
+    max_items = MAX_BATCH
 
     def load_model(self) -> None:
         import torch
