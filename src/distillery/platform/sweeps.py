@@ -29,10 +29,11 @@ DIRECTIONS = ("minimize", "maximize")
 def _connection_lost(e: BaseException | None) -> bool:
     """Whether `e` (or what caused it: Optuna wraps SQLAlchemy's errors) is a lost or refused database connection,
     which a retry on a fresh connection may cure; constraint violations and bad SQL are not."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
 
     while e is not None:
-        if isinstance(e, OperationalError) or (isinstance(e, DBAPIError) and e.connection_invalidated):
+        if isinstance(e, (OperationalError, PendingRollbackError)) \
+                or (isinstance(e, DBAPIError) and e.connection_invalidated):
             return True
         e = e.__cause__
     return False
@@ -51,6 +52,13 @@ def _reconnecting(method: Callable) -> Callable:
                     raise
                 log.warning("optuna storage: %s lost its database connection (%s); retrying in %.1f s",
                             method.__name__, type(e.__cause__ or e).__name__, delay)
+                # The session or a pooled connection may still hold the transaction that died with the
+                # database (PendingRollbackError on every later call): the retry starts from fresh ones.
+                try:
+                    self.scoped_session.remove()
+                    self.engine.dispose()
+                except Exception:  # noqa: BLE001 - closing what lost its connection may fail too
+                    pass
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
     return call
@@ -59,6 +67,11 @@ def _reconnecting(method: Callable) -> Callable:
 # RDBStorage methods that are not calls to the database.
 _LOCAL_METHODS = frozenset({"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "remove_session",
                             "check_trial_is_updatable"})
+
+
+# The private RDBStorage methods Optuna's _CachedStorage calls directly, bypassing the public ones.
+_CACHED_STORAGE_CALLS = frozenset({"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+                                   "_get_stale_trial_ids"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +85,7 @@ def _storage_class():
         reconnect_s = 60.0
 
     for name, method in inspect.getmembers(RDBStorage, inspect.isfunction):
-        if (not name.startswith("_") or name == "_get_stale_trial_ids") and name not in _LOCAL_METHODS \
+        if (not name.startswith("_") or name in _CACHED_STORAGE_CALLS) and name not in _LOCAL_METHODS \
                 and name not in ("upgrade", "get_current_version", "get_head_version", "get_all_versions"):
             setattr(ReconnectingRDBStorage, name, _reconnecting(method))
     return ReconnectingRDBStorage
