@@ -74,9 +74,11 @@ class RequestLimits:
                 return await self._error(scope, receive, send, 400, f"header {INFERENCE_HEADER.decode()} must be the "
                                          f"byte length of the JSON part of the body (<= {len(body)}), got {binary!r}")
             error = _json_error(body[:int(binary)])
-        elif content_type in (b"application/json", b"application/x-www-form-urlencoded"):
+        elif content_type in (b"application/json", b"application/x-www-form-urlencoded") \
+                or content_type.endswith(b"+json"):  # application/cloudevents+json is JSON too
             error = _json_error(body)
-            if error is None and headers.get(b"content-type") != b"application/json":  # FastAPI parses only JSON
+            if error is None and not content_type.endswith(b"+json") \
+                    and headers.get(b"content-type") != b"application/json":  # FastAPI parses only JSON
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                          + [(b"content-type", b"application/json")]}
         else:
