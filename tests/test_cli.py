@@ -49,6 +49,12 @@ def test_submit_without_an_endpoint_says_how_to_set_one(home):
     assert "DISTILLERY_KFP_HOST" in str(r.exception) + r.output
 
 
+def _tasks(spec: dict) -> set[str]:
+    """Every task name in the IR: the steps sit in the exit handler's sub-DAG, not at the root."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return {name for dag in dags for name in dag["tasks"]}
+
+
 def test_compile_writes_ir_with_parameter_descriptions_and_profile_defaults(home, tmp_path):
     r = runner.invoke(app, ["compile", "tiny-sd", "--profile", "cpu", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -57,8 +63,8 @@ def test_compile_writes_ir_with_parameter_descriptions_and_profile_defaults(home
     assert "Frechet" in params["gate_thresholds"]["description"] or "fd" in params["gate_thresholds"]["description"]
     assert params["unet_steps"]["defaultValue"] == 8000  # the cpu profile
     assert "description" in params["cond_dropout"]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare-image-captions", "validate-image-captions", "train-vae", "train-unet", "gate"} <= set(tasks)
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-run"}  # finish-run ends the MLflow run
+    assert {"prepare-image-captions", "validate-image-captions", "train-vae", "train-unet", "gate"} <= _tasks(spec)
 
 
 def test_models_commands_explain_missing_models(home):
@@ -78,7 +84,7 @@ def test_scott_compiles_with_both_teacher_branches_and_validates_its_sweep(home,
     assert "importer" in text and "parameterIterator" in text  # dsl.importer branch and the sweep's ParallelFor
     assert params["trials_per_worker"]["defaultValue"] == 4 and "Optuna" in params["trials_per_worker"]["description"]
     assert params["trial_rungs"]["defaultValue"] == 3 and params["discriminator"]["defaultValue"] == "teacher"
-    assert set(spec["root"]["dag"]["tasks"]) >= {"prepare-image-captions", "train-feature-net", "condition-branches-1"}
+    assert _tasks(spec) >= {"prepare-image-captions", "train-feature-net", "condition-branches-2", "finish-run"}
     r = runner.invoke(app, ["run", "scott", "--set", "sweep_workers=[]", "--set", "solver_substeps=0",
                             "--set", "discriminator=clip"])
     assert r.exit_code == 2 and all(k in r.output for k in ("sweep_workers", "solver_substeps", "discriminator"))

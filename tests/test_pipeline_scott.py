@@ -139,9 +139,12 @@ def test_served_student_answers_v1_and_v2_with_the_steps_asked(smoke, served):
     out = r.json()
     assert out["parameters"]["steps"] == 2
     images[2] = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["outputs"][0]["data"][0]))))
-    # What came back is what the pipeline makes in exactly that many steps.
+    # What came back is what the pipeline makes in exactly that many steps. The server's thread count differs
+    # from the test's, so float sums may round differently: a pixel may be off by one 8-bit level, no more.
     for steps, got in images.items():
-        np.testing.assert_array_equal(got, _local(model_dir, prompt, steps, 5))
+        want = _local(model_dir, prompt, steps, 5)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (steps, diff.max(), (diff > 0).mean())
     assert not np.array_equal(images[1], images[4])
 
     r = requests.post(f"{url}/v1/models/scott:predict", json={"instances": [{"prompt": prompt, "guidance": 3.0}]},
