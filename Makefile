@@ -45,7 +45,7 @@ compile: $(STAMP)
 test: data services container
 	mkdir -p build && rm -f build/image.rc
 	(PY=$(CURDIR)/$(PY) bash scripts/container/build_image.sh > build/image.log 2>&1; echo $$? > build/image.rc) &
-	DISTILLERY_TEST_IMAGE_RC=$(CURDIR)/build/image.rc $(PY) -m pytest -ra $(PYTEST_ARGS)
+	DISTILLERY_TEST_IMAGE_RC=$(CURDIR)/build/image.rc $(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 bench: data
 	$(PY) bench/orchestration.py
