@@ -1,4 +1,5 @@
-"""The tiny-sd smoke DAG end to end through the KFP local runner, and what it leaves behind."""
+"""The tiny-sd smoke DAG end to end through the KFP local runner, and what it leaves behind. The compiled YAML
+loaded back and run is tests/integration/test_pipelines_in_containers.py (every step in its own container)."""
 
 from __future__ import annotations
 
@@ -114,31 +115,6 @@ def test_cached_rerun_with_a_failing_gate_registers_nothing(smoke):
     assert len(gates) == 1, "the failing gate left no record"
 
 
-def test_compiled_yaml_loads_back_and_runs_locally(smoke, tmp_path):
-    """The IR YAML the KFP UI takes, loaded back and run with the local runner (tiny step counts)."""
-    home, _ = smoke
-    package = tmp_path / "tiny-sd.yaml"
-    _cli(home, "compile", "tiny-sd", "--profile", "cpu", "--out", str(tmp_path))
-    # The cpu profile's real gate would refuse a model this small: the run passes the smoke gate explicitly.
-    overrides = {"per_class": 40, "feature_steps": 20, "vae_steps": 10, "unet_steps": 10, "eval_per_class": 2,
-                 "eval_steps": 2, "model_name": "tiny-sd-yaml",
-                 "gate_thresholds": {"fd": ["max", 1e6], "cond_acc": ["min", 0.0]}}
-    code = (
-        "from distillery.platform import kfp_runtime\n"
-        f"p = kfp_runtime.load_compiled({str(package)!r})\n"
-        f"kfp_runtime.run_local(p, {overrides!r})\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(home), capture_output=True, text=True,
-                         timeout=1500)
-    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    client = _mlflow(home)
-    assert str(client.get_model_version_by_alias("tiny-sd-yaml", "champion").version) == "1"
-
-
-def yaml_parents(client) -> set:
-    return {r.info.run_id for r in _runs(client) if r.data.tags.get("runner") == "kfp"}
-
-
 def test_bad_data_stops_the_dag_at_validation(smoke, tmp_path):
     home, _ = smoke
     from distillery.data import build_image_caption_dataset
@@ -158,8 +134,7 @@ def test_bad_data_stops_the_dag_at_validation(smoke, tmp_path):
              if r.data.tags.get("mlflow.parentRunId") and r.info.status != "FINISHED"]
     assert "validate" in tasks
     assert not client.search_model_versions("name='tiny-sd-bad'")
-    trained = [r for r in _runs(client) if r.data.tags.get("task") in {"train-vae", "train-unet"}
-               and r.data.tags.get("mlflow.parentRunId") not in yaml_parents(client)]
+    trained = [r for r in _runs(client) if r.data.tags.get("task") in {"train-vae", "train-unet"}]
     assert len(trained) == 2  # only the first smoke run's
 
 
