@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_pipeline_tiny_sd import _cli, _mlflow, _runs
+from test_pipeline_tiny_sd import finished_steps, smoke_run
 
 pytestmark = pytest.mark.slow
 
@@ -19,20 +19,11 @@ STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "score-la
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hybrid") / "home"
-    return home, _cli(home, "run", "hybrid-sd", "--profile", "smoke")
+    return smoke_run(tmp_path_factory, "hybrid-sd")
 
 
 def test_smoke_run_prunes_distills_evaluates_splits_and_releases_both_halves(smoke):
-    home, proc = smoke
-    assert "distillery serve hybrid-sd" in proc.stdout, proc.stdout[-3000:]
-    client = _mlflow(home)
-    runs = _runs(client, "distillery/hybrid-sd")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == STEPS
-    assert all(r.info.status == "FINISHED" for r in children.values())
+    client, parent, children = finished_steps(smoke, "hybrid-sd", STEPS)
 
     # The layer scores come from two shards that split the layers between them, and pruning keeps fewer parameters.
     scored = [{k for k in children[f"score-layers-{i}"].data.metrics if k.startswith("score/")} for i in (0, 1)]
@@ -62,4 +53,4 @@ def test_smoke_run_prunes_distills_evaluates_splits_and_releases_both_halves(smo
         deploy = children[f"deploy-hybrid-{half}"]
         assert "inferenceservice.yaml" in {a.path for a in client.list_artifacts(deploy.info.run_id)}
     mv = client.get_model_version_by_alias("hybrid-sd", "champion")
-    assert str(mv.version) == "1" and mv.tags["parent_run_id"] == parents[0].info.run_id
+    assert str(mv.version) == "1" and mv.tags["parent_run_id"] == parent.info.run_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_pipeline_tiny_sd import _cli, _mlflow, _runs
+from test_pipeline_tiny_sd import finished_steps, smoke_run
 
 pytestmark = pytest.mark.slow
 
@@ -15,20 +15,11 @@ POLICIES = ("adaptive_smdp", "adaptive_naive", "fixed_0p1s", "fixed_0p3s", "fixe
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    home = tmp_path_factory.mktemp("smdp") / "home"
-    return home, _cli(home, "run", "smdp-nav", "--profile", "smoke")
+    return smoke_run(tmp_path_factory, "smdp-nav")
 
 
 def test_smoke_run_trains_five_policies_evaluates_and_registers_the_adaptive_one(smoke):
-    home, proc = smoke
-    assert "distillery serve smdp-nav" in proc.stdout, proc.stdout[-3000:]
-    client = _mlflow(home)
-    runs = _runs(client, "distillery/smdp-nav")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.data.tags["task"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == STEPS
+    client, _, children = finished_steps(smoke, "smdp-nav", STEPS)
     assert children["scenarios"].data.tags["data_revision"]
     assert any(a.path.endswith(".html") for a in client.list_artifacts(children["validate"].info.run_id))
     budgets = {t: children[t].data.metrics["sim_seconds"] for t in STEPS if t.startswith("train-")}
