@@ -17,8 +17,9 @@ def test_renders_a_non_root_predictor_with_storage_uri_and_resources(k8s):
     obj = k8s.render_inference_service("tiny-sd", "s3://models/tiny-sd/3/model", image="distillery:1.0",
                                        namespace="ml", args=["--kind", "text-to-image"])
     assert obj["apiVersion"] == "serving.kserve.io/v1beta1" and obj["kind"] == "InferenceService"
-    assert obj["metadata"] == {"name": "tiny-sd", "namespace": "ml",
-                               "labels": {"app.kubernetes.io/part-of": "distillery", "distillery/model": "tiny-sd"}}
+    meta = {k: v for k, v in obj["metadata"].items() if k != "annotations"}
+    assert meta == {"name": "tiny-sd", "namespace": "ml",
+                    "labels": {"app.kubernetes.io/part-of": "distillery", "distillery/model": "tiny-sd"}}
     pred = obj["spec"]["predictor"]
     model = pred["model"]
     assert model["modelFormat"] == {"name": "distillery-diffusers"} and model["runtime"] == "distillery"
@@ -51,6 +52,21 @@ def test_gpu_and_custom_resources_and_defaults_from_settings(k8s, monkeypatch):
     assert custom["limits"] == {"cpu": "1", "memory": "2Gi"}, "the caller's dict must not be mutated"
     assert obj["spec"]["predictor"]["minReplicas"] == 0 and obj["spec"]["predictor"]["serviceAccountName"] == "sa"
     assert model["runtime"] == "other" and model["modelFormat"]["name"] == "fmt"
+    # Scale to zero is Knative's (Serverless), which routes one port: REST only, no RawDeployment annotation.
+    assert model["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert "annotations" not in obj["metadata"]
+
+
+def test_rendered_service_declares_rest_and_grpc_like_the_reviewed_manifests(k8s):
+    from pathlib import Path
+
+    obj = k8s.render_inference_service("tiny-sd", "s3://b/tiny-sd/1/model")
+    reviewed = yaml.safe_load((Path(__file__).resolve().parents[1] / "manifests/inference/tiny-sd.yaml").read_text())
+    assert obj["spec"]["predictor"]["model"]["ports"] == reviewed["spec"]["predictor"]["model"]["ports"]
+    assert obj["metadata"]["annotations"] == reviewed["metadata"]["annotations"]
+    runtime = yaml.safe_load((Path(__file__).resolve().parents[1] / "manifests/base/servingruntime.yaml").read_text())
+    args = runtime["spec"]["containers"][0]["args"]
+    assert f"--http-port={k8s.REST_PORT}" in args and f"--grpc-port={k8s.GRPC_PORT}" in args
 
 
 @pytest.mark.parametrize("name,uri,replicas,match", [

@@ -13,6 +13,7 @@ from distillery.settings import get_settings
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # KServe derives Service and host names from the InferenceService name, so it must be a DNS-1123 label.
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+REST_PORT, GRPC_PORT = 8080, 8081  # the ServingRuntime's --http-port and --grpc-port (manifests/base)
 
 
 def _resources(gpu: bool, resources: dict | None):
@@ -29,10 +30,14 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
                              resources: dict | None = None, gpu: bool = False,
                              service_account: str = "distillery-models", min_replicas: int = 1,
                              args: list[str] | None = None) -> dict:
-    """An InferenceService for one registered model version, as a plain dict ready for YAML or the API."""
+    """An InferenceService for one registered model version, as a plain dict ready for YAML or the API.
+
+    With replicas (min_replicas >= 1) it is a RawDeployment declaring REST (8080) and V2 gRPC (8081), as the
+    manifests under manifests/inference do. Scale to zero (min_replicas=0) needs KServe's Serverless mode, and
+    Knative routes one port per container: REST only, gRPC is not exposed."""
     from kserve import (V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1ModelFormat, V1beta1ModelSpec,
                         V1beta1PredictorSpec)
-    from kubernetes.client import (ApiClient, V1Capabilities, V1EmptyDirVolumeSource, V1ObjectMeta,
+    from kubernetes.client import (ApiClient, V1Capabilities, V1ContainerPort, V1EmptyDirVolumeSource, V1ObjectMeta,
                                    V1PodSecurityContext, V1SeccompProfile, V1SecurityContext, V1Volume, V1VolumeMount)
 
     if not _DNS_LABEL.match(name):
@@ -43,9 +48,13 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
     if min_replicas < 0:
         raise ValueError(f"min_replicas must be >= 0 (0 lets KServe scale to zero), got {min_replicas}")
     s = get_settings()
+    raw = min_replicas > 0
+    ports = [V1ContainerPort(name="http1", container_port=REST_PORT, protocol="TCP")]
+    if raw:
+        ports.append(V1ContainerPort(name="grpc", container_port=GRPC_PORT, protocol="TCP"))
     model = V1beta1ModelSpec(
         name="kserve-container", model_format=V1beta1ModelFormat(name=model_format), runtime=runtime, storage_uri=storage_uri,
-        image=image or s.image, args=args or [], resources=_resources(gpu, resources),
+        image=image or s.image, args=args or [], resources=_resources(gpu, resources), ports=ports,
         # The predictor writes only /tmp (its own volume) and reads /mnt/models (KServe's), as manifests/inference.
         security_context=V1SecurityContext(run_as_non_root=True, run_as_user=1000, allow_privilege_escalation=False,
                                            read_only_root_filesystem=True, capabilities=V1Capabilities(drop=["ALL"])),
@@ -53,7 +62,8 @@ def render_inference_service(name: str, storage_uri: str, *, image: str | None =
     isvc = V1beta1InferenceService(
         api_version=f"{ISVC_GROUP}/{ISVC_VERSION}", kind="InferenceService",
         metadata=V1ObjectMeta(name=name, namespace=namespace or s.namespace,
-                              labels={"app.kubernetes.io/part-of": "distillery", "distillery/model": name}),
+                              labels={"app.kubernetes.io/part-of": "distillery", "distillery/model": name},
+                              annotations={"serving.kserve.io/deploymentMode": "RawDeployment"} if raw else None),
         spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(
             model=model, service_account_name=service_account, min_replicas=min_replicas,
             volumes=[V1Volume(name="tmp", empty_dir=V1EmptyDirVolumeSource())],
