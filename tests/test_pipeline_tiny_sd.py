@@ -52,27 +52,6 @@ def _runs(client, experiment="distillery/tiny-sd"):
     return client.search_runs([exp.experiment_id], max_results=500)
 
 
-def smoke_run(tmp_path_factory, pipeline: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """`distillery run PIPELINE --profile smoke` in a fresh home: (home, the finished CLI process)."""
-    home = tmp_path_factory.mktemp(pipeline) / "home"
-    return home, _cli(home, "run", pipeline, "--profile", "smoke")
-
-
-def finished_steps(smoke: tuple, pipeline: str, steps: set[str]):
-    """The smoke run's one parent run, FINISHED, with exactly `steps` as FINISHED nested runs, and the CLI's
-    closing lines saying how to serve the model: (client, parent run, {task: nested run})."""
-    home, proc = smoke
-    assert f"distillery serve {pipeline}" in proc.stdout, proc.stdout[-3000:]
-    client = _mlflow(home)
-    runs = _runs(client, f"distillery/{pipeline}")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == steps
-    assert all(r.info.status == "FINISHED" for r in children.values()), {t: r.info.status for t, r in children.items()}
-    return client, parents[0], children
-
-
 def test_smoke_run_registers_a_champion_with_tracked_steps(smoke):
     home, proc = smoke
     assert "registered" in proc.stdout and "distillery serve tiny-sd" in proc.stdout

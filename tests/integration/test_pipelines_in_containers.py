@@ -6,6 +6,7 @@ The containers share nothing on disk but the KFP pipeline root."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,8 @@ def cluster_like(tmp_path, image, docker_api, postgres_server, s3, mlflow_server
                    {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
                     "DISTILLERY_OPTUNA_STORAGE": optuna})
     monkeypatch.setenv("DOCKER_HOST", docker_api)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, env[key])  # the client reads run artifacts straight from RGW, as a user would
 
     def run(pipeline: str, overrides: dict) -> float:
         compiled = tmp_path / "compiled"
@@ -106,7 +109,10 @@ def cluster_like(tmp_path, image, docker_api, postgres_server, s3, mlflow_server
     return run, mlflow.MlflowClient(tracking_uri=mlflow_server.url), env
 
 
-def _check_lineage(client, pipeline: str, model_name: str, steps: set[str], image, s3) -> str:
+def _check_lineage(client, pipeline: str, model_name: str, steps: set[str], image, s3,
+                   own_data: bool = False) -> str:
+    """own_data: the pipeline versions data it generates (smdp-nav's scenarios), not the DVC-tracked sources: every
+    run then carries that one revision instead of data.dvc's."""
     from distillery.platform import tracking, versioning
 
     exp = client.get_experiment_by_name(f"distillery/{pipeline}")
@@ -120,7 +126,8 @@ def _check_lineage(client, pipeline: str, model_name: str, steps: set[str], imag
                                   max_results=500)
     assert steps <= {c.data.tags["task"] for c in children}, sorted(c.data.tags["task"] for c in children)
     assert all(c.info.status == "FINISHED" for c in children), [(c.data.tags["task"], c.info.status) for c in children]
-    recorded = versioning.recorded_md5(REPO / "data.dvc")
+    recorded = parent.data.tags.get("data_revision") if own_data else versioning.recorded_md5(REPO / "data.dvc")
+    assert recorded, parent.data.tags
     for run in [parent, *children]:
         assert run.data.tags.get("data_revision") == recorded, (run.data.tags.get("task"), run.data.tags)
         # The commit comes from the image (DISTILLERY_GIT_COMMIT): there is no git checkout in a container.
@@ -143,3 +150,81 @@ def test_tiny_sd_smoke_runs_in_containers(cluster_like, image, s3):
     print(f"tiny-sd smoke in containers: {seconds:.1f} s")
     _check_lineage(client, "tiny-sd", "tiny-sd-ct", {"data", "validate", "feature-net", "train-vae", "train-unet",
                                                      "evaluate", "gate", "register", "deploy"}, image, s3)
+
+
+HYBRID_STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "score-layers-0", "score-layers-1",
+                "prune", "kd-scored", "kd-uniform", "tiny-vae", "evaluate", "gate", "register", "deploy-hybrid-cloud",
+                "deploy-hybrid-edge"}
+
+
+def test_hybrid_sd_smoke_runs_in_containers(cluster_like, image, s3):
+    """hybrid-sd's one smoke DAG run of the suite: teacher, sharded layer scores, pruning, the two distilled small
+    UNets, the tiny VAE, the split evaluation, the gate and the release of both halves."""
+    from distillery.platform import tracking
+
+    run, client, _ = cluster_like
+    seconds = run("hybrid-sd", dict(model_name="hybrid-sd-ct"))
+    print(f"hybrid-sd smoke in containers: {seconds:.1f} s")
+    parent = _check_lineage(client, "hybrid-sd", "hybrid-sd-ct", HYBRID_STEPS, image, s3)
+    exp = client.get_experiment_by_name("distillery/hybrid-sd")
+    children = {c.data.tags["task"]: c for c in client.search_runs(
+        [exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent}'", max_results=500)}
+    assert set(children) == HYBRID_STEPS
+
+    # The layer scores come from two shards that split the layers between them, and pruning keeps fewer parameters.
+    scored = [{k for k in children[f"score-layers-{i}"].data.metrics if k.startswith("score/")} for i in (0, 1)]
+    assert scored[0] and scored[1] and not scored[0] & scored[1]
+    prune = children["prune"].data.metrics
+    assert prune["pruned_params"] < prune["teacher_params"] and 0 < prune["params_ratio"] < 1
+    assert prune["pruned_flops"] < prune["teacher_flops"]
+    assert "pruning_plan.json" in {a.path for a in client.list_artifacts(children["prune"].info.run_id)}
+
+    ev = children["evaluate"].data.metrics
+    # Splits [0, 2, 5] with the headline at 2 of 5 steps: the large UNet runs 2 of 5 steps in the cloud.
+    assert ev["cloud_flops_ratio_large_small"] == pytest.approx(0.4)
+    assert ev["large_only_cloud_fraction"] == 1.0 and ev["small_only_cloud_fraction"] == 0.0
+    artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"quality_vs_cloud_cost.png", "split_table.md", "split_table.json", "samples"} <= artifacts
+    with open(client.download_artifacts(children["evaluate"].info.run_id, "split_table.json")) as f:
+        table = json.load(f)
+    rows = {r[0]: dict(zip(table["columns"], r)) for r in table["data"]}
+    assert {"large_only", "small_only", "large_small_2of5", "small_large_2of5", "uniform_only"} <= set(rows)
+    for name, row in rows.items():
+        assert row["fd_ci_low"] <= row["fd"] <= row["fd_ci_high"], name  # every FD with its bootstrap interval
+    assert rows["large_small_2of5"]["cloud_flops"] == pytest.approx(0.4 * rows["large_only"]["cloud_flops"])
+    for half in ("cloud", "edge"):
+        deploy = children[f"deploy-hybrid-{half}"]
+        assert "inferenceservice.yaml" in {a.path for a in client.list_artifacts(deploy.info.run_id)}
+
+
+SMDP_STEPS = {"scenarios", "validate", "train-smdp", "train-naive", "train-fixed-0.1s", "train-fixed-0.3s",
+              "train-fixed-0.8s", "evaluate", "gate", "register", "deploy"}
+SMDP_POLICIES = ("adaptive_smdp", "adaptive_naive", "fixed_0p1s", "fixed_0p3s", "fixed_0p8s")
+
+
+def test_smdp_nav_smoke_runs_in_containers(cluster_like, image, s3):
+    """smdp-nav's one smoke DAG run of the suite: five policies trained in parallel on the same simulated-time
+    budget, evaluated in the training world and in ir-sim, the adaptive one released."""
+    from distillery.platform import tracking
+
+    run, client, _ = cluster_like
+    seconds = run("smdp-nav", dict(model_name="smdp-nav-ct"))
+    print(f"smdp-nav smoke in containers: {seconds:.1f} s")
+    parent = _check_lineage(client, "smdp-nav", "smdp-nav-ct", SMDP_STEPS, image, s3, own_data=True)
+    exp = client.get_experiment_by_name("distillery/smdp-nav")
+    children = {c.data.tags["task"]: c for c in client.search_runs(
+        [exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent}'", max_results=500)}
+    assert set(children) == SMDP_STEPS
+    assert any(a.path.endswith(".html") for a in client.list_artifacts(children["validate"].info.run_id))
+    budgets = {t: children[t].data.metrics["sim_seconds"] for t in SMDP_STEPS if t.startswith("train-")}
+    assert all(b >= 480 for b in budgets.values()), budgets  # the same simulated-time budget for every policy
+    assert children["train-fixed-0.1s"].data.metrics["decisions"] > \
+        children["train-fixed-0.8s"].data.metrics["decisions"]
+    ev = children["evaluate"].data.metrics
+    for name in SMDP_POLICIES:
+        assert 0.0 <= ev[f"{name}_success_rate"] <= 1.0 and ev[f"{name}_decisions_per_episode"] >= 1
+        assert f"{name}_crowded_success_rate" in ev and f"{name}_irsim_success_rate" in ev
+    assert ev["success_rate"] == ev["adaptive_smdp_success_rate"]
+    assert ev["success_vs_naive"] == pytest.approx(ev["adaptive_smdp_success_rate"] - ev["adaptive_naive_success_rate"])
+    artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"duration_vs_density.png", "evaluation_table.md", "evaluation.json", "trajectories"} <= artifacts
