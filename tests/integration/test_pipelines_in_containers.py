@@ -110,8 +110,8 @@ def cluster_like(tmp_path, image, docker_api, postgres_server, s3, mlflow_server
 
 
 def _check_lineage(client, pipeline: str, model_name: str, steps: set[str], image, s3,
-                   own_data: bool = False) -> str:
-    """own_data: the pipeline versions data it generates (smdp-nav's scenarios), not the DVC-tracked sources: every
+                   own_data: bool = False) -> dict:
+    """The checks every containerized run gets; returns its step runs by task. own_data: the pipeline versions data it generates (smdp-nav's scenarios), not the DVC-tracked sources: every
     run then carries that one revision instead of data.dvc's."""
     from distillery.platform import tracking, versioning
 
@@ -138,7 +138,7 @@ def _check_lineage(client, pipeline: str, model_name: str, steps: set[str], imag
         parent.info.run_id
     weights = [k for k in s3.keys("artifacts/") if mv.run_id in k and k.endswith(".safetensors")]
     assert weights, "no model weights of the champion's run in RGW"
-    return parent.info.run_id
+    return {c.data.tags["task"]: c for c in children}
 
 
 def test_tiny_sd_smoke_runs_in_containers(cluster_like, image, s3):
@@ -160,15 +160,10 @@ HYBRID_STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "s
 def test_hybrid_sd_smoke_runs_in_containers(cluster_like, image, s3):
     """hybrid-sd's one smoke DAG run of the suite: teacher, sharded layer scores, pruning, the two distilled small
     UNets, the tiny VAE, the split evaluation, the gate and the release of both halves."""
-    from distillery.platform import tracking
-
     run, client, _ = cluster_like
     seconds = run("hybrid-sd", dict(model_name="hybrid-sd-ct"))
     print(f"hybrid-sd smoke in containers: {seconds:.1f} s")
-    parent = _check_lineage(client, "hybrid-sd", "hybrid-sd-ct", HYBRID_STEPS, image, s3)
-    exp = client.get_experiment_by_name("distillery/hybrid-sd")
-    children = {c.data.tags["task"]: c for c in client.search_runs(
-        [exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent}'", max_results=500)}
+    children = _check_lineage(client, "hybrid-sd", "hybrid-sd-ct", HYBRID_STEPS, image, s3)
     assert set(children) == HYBRID_STEPS
 
     # The layer scores come from two shards that split the layers between them, and pruning keeps fewer parameters.
@@ -205,15 +200,10 @@ SMDP_POLICIES = ("adaptive_smdp", "adaptive_naive", "fixed_0p1s", "fixed_0p3s", 
 def test_smdp_nav_smoke_runs_in_containers(cluster_like, image, s3):
     """smdp-nav's one smoke DAG run of the suite: five policies trained in parallel on the same simulated-time
     budget, evaluated in the training world and in ir-sim, the adaptive one released."""
-    from distillery.platform import tracking
-
     run, client, _ = cluster_like
     seconds = run("smdp-nav", dict(model_name="smdp-nav-ct"))
     print(f"smdp-nav smoke in containers: {seconds:.1f} s")
-    parent = _check_lineage(client, "smdp-nav", "smdp-nav-ct", SMDP_STEPS, image, s3, own_data=True)
-    exp = client.get_experiment_by_name("distillery/smdp-nav")
-    children = {c.data.tags["task"]: c for c in client.search_runs(
-        [exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent}'", max_results=500)}
+    children = _check_lineage(client, "smdp-nav", "smdp-nav-ct", SMDP_STEPS, image, s3, own_data=True)
     assert set(children) == SMDP_STEPS
     assert any(a.path.endswith(".html") for a in client.list_artifacts(children["validate"].info.run_id))
     budgets = {t: children[t].data.metrics["sim_seconds"] for t in SMDP_STEPS if t.startswith("train-")}
@@ -228,3 +218,4 @@ def test_smdp_nav_smoke_runs_in_containers(cluster_like, image, s3):
     assert ev["success_vs_naive"] == pytest.approx(ev["adaptive_smdp_success_rate"] - ev["adaptive_naive_success_rate"])
     artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
     assert {"duration_vs_density.png", "evaluation_table.md", "evaluation.json", "trajectories"} <= artifacts
+    assert "inferenceservice.yaml" in {a.path for a in client.list_artifacts(children["deploy"].info.run_id)}
