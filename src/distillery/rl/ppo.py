@@ -10,6 +10,7 @@ update. Each rank must make the same number of backward passes per update, so mi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -108,10 +109,14 @@ def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, dones:
     return adv, adv + values
 
 
-def ppo_update(fabric, model, opt, cfg: PPOConfig, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict:
+def ppo_update(fabric, model, opt, cfg: PPOConfig, batch: dict[str, torch.Tensor], generator: torch.Generator,
+               extra_loss: Callable[[dict], tuple[torch.Tensor, dict]] | None = None) -> dict:
     """`cfg.epochs` x `cfg.minibatches` clipped-surrogate steps on this rank's rollout (flat tensors obs, actions,
     logprobs, advantages, returns, values). Under DDP every rank makes the same number of steps and the gradients
-    are averaged in `fabric.backward`."""
+    are averaged in `fabric.backward`.
+
+    `extra_loss(minibatch)` -> (loss, {name: value}) adds a term stepped with PPO's (an auxiliary head; the batch may
+    carry the extra tensors it needs); its named values are averaged into the returned stats."""
     n = len(batch["obs"])
     if n < cfg.minibatches:
         raise ValueError(f"a rollout of {n} decisions cannot be split into {cfg.minibatches} minibatches")
@@ -128,6 +133,11 @@ def ppo_update(fabric, model, opt, cfg: PPOConfig, batch: dict[str, torch.Tensor
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
             vf = 0.5 * ((value - mb["returns"]) ** 2).mean()
             loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent.mean()
+            if extra_loss is not None:
+                extra, extra_stats = extra_loss(mb)
+                loss = loss + extra
+                for k, v in extra_stats.items():
+                    stats.setdefault(k, []).append(float(v))
             opt.zero_grad(set_to_none=True)
             fabric.backward(loss)
             fabric.clip_gradients(model, opt, max_norm=cfg.max_grad_norm)
