@@ -2,7 +2,11 @@
 
 Requests are queued with a compatibility key (e.g. steps and guidance for text-to-image). One worker takes the
 oldest request, waits up to `window_s` for more with the same key, and runs up to `max_items` items in one model
-call on its own thread; the results are split back to each request. Beyond `max_queue` waiting requests a new one
+call on its own thread; the results are split back to each request. Clients that got their answers from one call
+come back together but not at once (each reads its answer and sends again, on cores it shares with the server):
+a fixed window then splits them into a full call and a straggler call that costs nearly as much. So while fewer
+items wait than the last call held, the worker waits longer, up to `patience` times the average model call; with
+one client at a time that call held one item and nothing waits beyond `window_s`. Beyond `max_queue` waiting requests a new one
 is refused at once (`Overloaded`: 503 with Retry-After) instead of waiting behind an ever longer queue. A request
 whose deadline passes is answered `DeadlineExceeded` and, if it has not started, never runs.
 """
@@ -55,17 +59,20 @@ class Batcher:
     answered `ModelFailed`."""
 
     def __init__(self, run: Callable[[Hashable, list], Sequence], *, max_items: int, window_s: float = 0.01,
-                 max_queue: int = 32, on_fatal: Callable[[BaseException], None] | None = None):
-        if max_items < 1 or max_queue < 1 or window_s < 0:
-            raise ValueError(f"max_items and max_queue must be >= 1 and window_s >= 0, got {max_items}, {max_queue}, "
-                             f"{window_s}")
+                 max_queue: int = 32, patience: float = 0.5,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        if max_items < 1 or max_queue < 1 or window_s < 0 or patience < 0:
+            raise ValueError(f"max_items and max_queue must be >= 1, window_s and patience >= 0, got {max_items}, "
+                             f"{max_queue}, {window_s}, {patience}")
         self.run, self.max_items, self.window_s, self.max_queue = run, max_items, window_s, max_queue
+        self.patience = patience
         self.on_fatal = on_fatal
         self._pending: deque[_Entry] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch")
-        self._batch_s = 0.0  # moving average of one model call, for Retry-After
+        self._batch_s = 0.0  # moving average of one model call, for Retry-After and the wait for stragglers
+        self._last_items = 1  # items in the last call: as many are expected back from a closed loop of clients
         self.batches = self.items = 0  # counters: how much merging happened
 
     def retry_after_s(self) -> int:
@@ -119,12 +126,17 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            # Wait out the window for more compatible requests unless the call is already full.
-            until = batch[0].enqueued + self.window_s
-            while sum(len(e.items) for e in batch) < self.max_items and time.monotonic() < until:
+            # Wait out the window for more compatible requests unless the call is already full; longer while
+            # fewer items wait than the last call held (its clients are coming back).
+            short = batch[0].enqueued + self.window_s
+            long = batch[0].enqueued + max(self.window_s, self.patience * self._batch_s)
+            while (size := sum(len(e.items) for e in batch)) < self.max_items:
+                left = (long if size < self._last_items else short) - time.monotonic()
+                if left <= 0:
+                    break
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), until - time.monotonic())
+                    await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     pass
                 batch = self._take()
@@ -155,6 +167,7 @@ class Batcher:
             took = time.monotonic() - t
             self._batch_s = took if not self.batches else 0.8 * self._batch_s + 0.2 * took
             self.batches, self.items = self.batches + 1, self.items + len(items)
+            self._last_items = min(len(items), self.max_items)
             start = 0
             for e in batch:
                 if not e.future.done():
