@@ -3,6 +3,8 @@ and their files as diffusers reads them."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,3 +124,182 @@ def test_training_refuses_a_dataset_of_the_wrong_size(base_dir, tmp_path):
     bad = Squares(images=np.zeros((4, 32, 32, 3), np.uint8), captions=["x"] * 4)
     with pytest.raises(ValueError, match=r"\(N, 16, 16, 3\)"):
         train.train_lora(bad, base_dir, tmp_path / "x", train.LoRATrainConfig(steps=1))
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+
+
+def _random_lora(unet, seed: int, rank: int = 2) -> dict:
+    """A LoRA file's tensors (peft key names) for the attention projections and ResNet convolutions, random
+    enough to change the image."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in unet.named_modules():
+        if name.endswith(("to_q", "to_v", "to_out.0", "conv1")) and hasattr(m, "weight"):
+            w = m.weight
+            a_shape = (rank, *w.shape[1:]) if w.ndim == 2 else (rank, w.shape[1], *w.shape[2:])
+            b_shape = (w.shape[0], rank) if w.ndim == 2 else (w.shape[0], rank, 1, 1)
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(a_shape, generator=gen) * 0.3
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(b_shape, generator=gen) * 0.3
+    return sd
+
+
+class Source:
+    """An add-on source for the cache: LoRA files written with safetensors, ControlNets in memory; each load can be
+    held back until `release` is set, and loads are counted."""
+
+    def __init__(self, root, pipe):
+        from diffusers import ControlNetModel
+        from safetensors.torch import save_file
+
+        self.root, self.loads, self.release, self.delay_s = root, [], None, 0.0
+        for i, name in enumerate(("ink", "bold", "warm")):
+            save_file(_random_lora(pipe.unet, i), str(root / f"{name}.safetensors"), metadata={"format": "pt"})
+        torch.manual_seed(0)
+        cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=train.conditioning_channels(4))
+        with torch.no_grad():  # from_unet zero-initializes the output convolutions: make them matter
+            for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
+                p.normal_(0, 0.2)
+        self.controlnet = cn.eval()
+
+    def __call__(self, kind: str, name: str):
+        self.loads.append((kind, name))
+        time.sleep(self.delay_s)
+        if self.release is not None:
+            assert self.release.wait(30)
+        if kind == "controlnet":
+            return self.controlnet
+        return addons.read_lora(self.root / f"{name}.safetensors", name)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_sd.build_pipeline(CFG, seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture
+def source(pipe, tmp_path):
+    return Source(tmp_path, pipe)
+
+
+def _runtime(pipe, source, budget=1 << 30, **kw):
+    from distillery.papers.swift_diffusion import runtime
+
+    return runtime.SwiftRuntime(pipe, runtime.AddonCache(source, budget), **kw)
+
+
+def _gen(steps=4, **kw):
+    from distillery.papers.swift_diffusion.runtime import Generation
+
+    return Generation(prompts=["a bright square", "a dark square"], seeds=[3, 4], steps=steps, guidance=2.0, **kw)
+
+
+def _control():
+    return torch.from_numpy(addons.edge_map(_squares()[[0, 9]])).permute(0, 3, 1, 2).float() / 255
+
+
+def test_cache_evicts_least_recently_used_under_its_byte_budget():
+    from types import SimpleNamespace
+
+    from distillery.papers.swift_diffusion.runtime import AddonCache
+
+    loads = []
+
+    def load(kind, name):
+        loads.append(name)
+        if name == "broken":
+            raise OSError("unreachable")
+        return SimpleNamespace(nbytes=400 if name == "huge" else 100, name=name)
+
+    cache = AddonCache(load, budget_bytes=250)
+    assert [cache.get("lora", n)[1] for n in ("a", "b", "a")] == [False, False, True]
+    cache.get("lora", "c")  # 300 bytes > 250: b, the least recently used, goes
+    assert cache.keys() == [("lora", "a"), ("lora", "c")] and cache.nbytes == 200 and cache.evictions == 1
+    assert cache.get("lora", "huge")[0].name == "huge" and ("lora", "huge") not in cache.keys()  # served, not kept
+    with pytest.raises(OSError, match="unreachable"):
+        cache.get("lora", "broken")
+    with pytest.raises(OSError):
+        cache.get("lora", "broken")  # a failed load is not cached: tried again
+    assert loads.count("broken") == 2 and loads.count("a") == 1
+    assert (cache.hits, cache.misses) == (1, 6)
+
+
+def test_concurrent_misses_share_one_load(pipe, source):
+    from distillery.papers.swift_diffusion.runtime import AddonCache
+
+    source.release = threading.Event()
+    cache = AddonCache(source, 1 << 30)
+    (f1, hit1), (f2, hit2) = cache.fetch("lora", "ink"), cache.fetch("lora", "ink")
+    assert f1 is f2 and not hit1 and not hit2 and not f1.done()
+    source.release.set()
+    assert f1.result(10).name == "ink" and source.loads == [("lora", "ink")]
+
+
+def test_late_patch_with_k_zero_equals_from_step_zero_and_diffusers_fuse(pipe, source):
+    rt = _runtime(pipe, source, wait_fraction=0.0)
+    g = _gen(loras=[("ink", 0.8), ("bold", 0.5)])
+    source.delay_s = 0.2  # a slow fetch: with K = 0 the request waits for it before step 0
+    cold, report = rt.generate(g, output_type="np")
+    assert [(e["cache"], e["applied_from_step"]) for e in report["loras"]] == [("miss", 0), ("miss", 0)]
+    warm, report = rt.generate(g, output_type="np")
+    assert [(e["cache"], e["applied_from_step"]) for e in report["loras"]] == [("hit", 0), ("hit", 0)]
+    assert np.array_equal(cold, warm)
+    base, _ = rt.generate(_gen(), output_type="np")
+    assert np.abs(cold - base).mean() > 0.01  # the LoRAs change the image
+    reference, report = _runtime(pipe, source, baseline=True).generate(g, output_type="np")
+    np.testing.assert_allclose(cold, reference, atol=2e-3)  # diffusers' load_lora_weights + fuse_lora
+
+
+def test_a_lora_that_lands_mid_request_is_patched_at_the_next_step_boundary_by_step_k(pipe, source):
+    rt = _runtime(pipe, source, wait_fraction=0.67)  # K = 4 of 6
+    source.release = threading.Event()
+    calls = []
+
+    def count(module, args):  # the fetch lands while the UNet runs step 1
+        calls.append(1)
+        if len(calls) == 2:
+            source.release.set()
+
+    hook = pipe.unet.register_forward_pre_hook(count)
+    try:
+        late, report = rt.generate(_gen(steps=6, loras=[("warm", 1.0)]), output_type="np")
+    finally:
+        hook.remove()
+    (entry,) = report["loras"]
+    assert report["wait_step"] == 4 and entry["cache"] == "miss" and 2 <= entry["applied_from_step"] <= 4
+    early, report = rt.generate(_gen(steps=6, loras=[("warm", 1.0)]), output_type="np")
+    assert report["loras"][0] == {"name": "warm", "scale": 1.0, "cache": "hit", "applied_from_step": 0}
+    base, _ = rt.generate(_gen(steps=6), output_type="np")
+    assert 0 < np.abs(late - early).mean() < np.abs(base - early).mean()  # a late LoRA is between base and full
+
+
+def test_base_weights_are_restored_bit_for_bit_after_many_mixed_requests(pipe, source):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    one = addons.read_lora(source.root / "ink.safetensors").nbytes
+    rt = _runtime(pipe, source, budget=int(1.5 * one), wait_fraction=0.5)  # room for one LoRA: misses, evictions
+    mixes = [[("ink", 1.0)], [("ink", 0.3), ("bold", 2.0)], [], [("warm", -1.0)], [("bold", 1.0), ("warm", 0.7)],
+             [("ink", 1.5)]]
+    for i, loras in enumerate(mixes):
+        source.release = threading.Event() if i % 2 else None  # every other request lands late
+        if source.release is not None:
+            threading.Timer(0.05, source.release.set).start()
+        cn = dict(controlnet="edges", control_image=_control()) if i % 3 == 0 else {}
+        rt.generate(_gen(steps=3, loras=loras, **cn), output_type="np")
+        after = pipe.unet.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), f"weights changed after request {i}"
+    assert rt.cache.evictions > 0
+
+
+def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
+    g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9)
+    parallel, report = _runtime(pipe, source, parallel_controlnet=True).generate(g, output_type="np")
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "unet_calls": 3}
+    sequential, report = _runtime(pipe, source, parallel_controlnet=False).generate(g, output_type="np")
+    assert report["controlnet"]["parallel"] is False
+    np.testing.assert_allclose(parallel, sequential, atol=1e-6)
+    reference, _ = _runtime(pipe, source, baseline=True).generate(g, output_type="np")
+    np.testing.assert_allclose(parallel, reference, atol=1e-5)  # StableDiffusionControlNetPipeline
+    plain, _ = _runtime(pipe, source).generate(_gen(steps=3), output_type="np")
+    assert np.abs(parallel - plain).mean() > 0.01  # the ControlNet steers the image

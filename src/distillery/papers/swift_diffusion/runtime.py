@@ -1,0 +1,333 @@
+"""The SwiftDiffusion serving runtime: a Stable Diffusion pipeline that serves LoRA and ControlNet add-ons without
+putting their loading and patching on a request's critical path. How it maps to the paper (Katz):
+
+- Add-on store. Add-ons are fetched by name through `AddonCache`, a bounded in-memory cache (LRU by bytes) whose
+  misses load on background threads, several requests waiting on one load.
+- Asynchronous LoRA loading. A request starts denoising with the base weights while its LoRAs load. `LatePatch`
+  (diffusers' `callback_on_step_end`, so the pipeline itself is unchanged) patches each LoRA in at the first step
+  boundary after its load lands, and blocks only at step K = round(wait_fraction * N) (the paper's code waits at
+  step 20 of 50: wait_fraction 0.4). K = 0 is the usual apply-then-generate. A LoRA already cached is applied
+  before step 0.
+- In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place and keeps a copy
+  of every tensor it touched; after the request the copies are written back, so the base weights are restored bit
+  for bit (subtracting the delta again would not be: float addition does not invert exactly).
+- ControlNet-as-a-service. The UNet needs the ControlNet's residuals only in its up path: diffusers adds the down
+  residuals to the skip connections and the mid residual after the mid block. `ControlNetHooks` starts the ControlNet
+  on its own thread when the UNet is called and joins it after the mid block, so it runs concurrently with the down
+  and mid blocks; the residuals are added in place where diffusers adds them. Thread budget: on 2 cores the UNet
+  and the ControlNet get one intra-op thread each (one per core, nothing oversubscribed); PyTorch kernels release the
+  GIL, so the two threads overlap in the kernels, not in diffusers' Python glue (which is why a tiny model gains
+  little on CPU while an SD-1.5-sized one, kernel-bound, gains most of the ControlNet's time).
+- The baseline (`baseline=True`) is what a plain diffusers user does per request: fetch, `load_lora_weights` +
+  `set_adapters` + `fuse_lora`, the ControlNet run before the UNet at every step
+  (`StableDiffusionControlNetPipeline`), then `unfuse_lora` + `unload_lora_weights`.
+- Not built: splitting classifier-free guidance's two halves across workers, and backbone kernel optimizations.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from distillery.papers.swift_diffusion.addons import LoRA
+
+log = logging.getLogger(__name__)
+
+ADDON_KINDS = ("lora", "controlnet")
+
+
+def addon_nbytes(addon: Any) -> int:
+    """Bytes an add-on holds in memory: a module's parameters and buffers, else its own `nbytes`."""
+    if isinstance(addon, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in [*addon.parameters(), *addon.buffers()])
+    return int(addon.nbytes)
+
+
+class AddonCache:
+    """Add-ons by (kind, name), at most `budget_bytes` of them kept, least recently used evicted first.
+
+    `load(kind, name)` runs on one of `workers` background threads; an add-on larger than the whole budget is
+    served but not kept."""
+
+    def __init__(self, load: Callable[[str, str], Any], budget_bytes: int, workers: int = 2):
+        if budget_bytes < 1 or workers < 1:
+            raise ValueError(f"budget_bytes and workers must be >= 1, got {budget_bytes} and {workers}")
+        self._load, self.budget_bytes = load, int(budget_bytes)
+        self._items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._inflight: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="addon-fetch")
+        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Resident add-ons, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+    def fetch(self, kind: str, name: str) -> tuple[Future, bool]:
+        """The add-on as a future, and whether it was resident (a hit). A miss starts a background load, or joins
+        the one already running for that add-on."""
+        key = (kind, name)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                done: Future = Future()
+                done.set_result(self._items[key])
+                return done, True
+            self.misses += 1
+            if key not in self._inflight:
+                self._inflight[key] = self._pool.submit(self._fill, key)
+            return self._inflight[key], False
+
+    def get(self, kind: str, name: str) -> tuple[Any, bool]:
+        """The add-on, waiting for its load on a miss; and whether it was a hit."""
+        future, hit = self.fetch(kind, name)
+        return future.result(), hit
+
+    def _fill(self, key: tuple[str, str]) -> Any:
+        try:
+            addon = self._load(*key)
+        except BaseException:
+            with self._lock:
+                self._inflight.pop(key, None)
+            raise
+        size = addon_nbytes(addon)
+        with self._lock:
+            self._inflight.pop(key, None)
+            if size > self.budget_bytes:
+                log.warning("%s %s (%d bytes) is larger than the add-on cache (%d bytes): served, not kept",
+                            *key, size, self.budget_bytes)
+                return addon
+            self._items[key], self._sizes[key] = addon, size
+            while sum(self._sizes.values()) > self.budget_bytes:
+                old, _ = self._items.popitem(last=False)
+                del self._sizes[old]
+                self.evictions += 1
+        return addon
+
+
+class LoRAPatcher:
+    """Patches LoRAs into a UNet's weights in place; `restore` writes back the exact base tensors."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.modules = dict(unet.named_modules())
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def check(self, lora: LoRA) -> None:
+        """Every layer of the LoRA exists in this UNet with a weight of the shape B A has."""
+        for name, (a, b) in lora.layers.items():
+            weight = getattr(self.modules.get(name), "weight", None)
+            if weight is None:
+                raise ValueError(f"LoRA {lora.name!r} targets {name!r}, which this UNet does not have")
+            if weight.shape[0] != b.shape[0] or weight[0].numel() != a[0].numel():
+                raise ValueError(f"LoRA {lora.name!r} does not fit {name!r}: B A is {b.shape[0]} x {a[0].numel()}, "
+                                 f"the weight {tuple(weight.shape)}")
+
+    @torch.no_grad()
+    def apply(self, lora: LoRA, scale: float) -> None:
+        for name in lora.layers:
+            weight = self.modules[name].weight
+            if name not in self._saved:
+                self._saved[name] = weight.detach().clone()
+            weight.add_((scale * lora.delta(name, weight.shape)).to(weight.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, base in self._saved.items():
+            self.modules[name].weight.copy_(base)
+        self._saved.clear()
+
+
+class LatePatch:
+    """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its fetch lands, and waited
+    for at step `wait_step` at the latest. `applied_from[name]` is the first step that ran with it."""
+
+    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, float, Future]], wait_step: int, steps: int):
+        self.patcher, self.pending, self.wait_step, self.steps = patcher, pending, wait_step, steps
+        self.applied_from: dict[str, int] = {}
+
+    def patch_ready(self, step: int) -> None:
+        """Before `step` runs: patch what has landed; at the wait step, wait for the rest."""
+        if step >= self.steps:
+            return  # nothing left to run with it
+        for name, scale, future in self.pending:
+            if name not in self.applied_from and (future.done() or step >= self.wait_step):
+                self.patcher.apply(future.result(), scale)
+                self.applied_from[name] = step
+
+    def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
+        self.patch_ready(i + 1)
+        return callback_kwargs
+
+
+class ControlNetHooks:
+    """A ControlNet attached to a UNet by forward hooks (the UNet is not edited): started when the UNet is called,
+    on `executor`'s thread (None: right there, sequentially), joined after the mid block; its residuals are added
+    in place to the skip connections and to the mid block's output, exactly where diffusers adds them.
+    `image` is the condition in [0, 1], one per prompt (B, 3, H, W); under guidance the UNet's batch is
+    [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline."""
+
+    def __init__(self, unet, controlnet, image: torch.Tensor, scale: float = 1.0,
+                 executor: ThreadPoolExecutor | None = None):
+        self.unet, self.controlnet, self.image, self.scale, self.executor = unet, controlnet, image, scale, executor
+        self._handles: list = []
+        self._skips: list[torch.Tensor] = []
+        self._job: Future | None = None
+        self.calls = 0
+
+    def __enter__(self) -> "ControlNetHooks":
+        u = self.unet
+        self._handles = [u.register_forward_pre_hook(self._start, with_kwargs=True),
+                         u.conv_in.register_forward_hook(lambda m, a, out: self._skips.append(out)),
+                         *[b.register_forward_hook(lambda m, a, out: self._skips.extend(out[1])) for b in u.down_blocks],
+                         u.mid_block.register_forward_hook(self._join)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._skips, self._job = [], [], None
+
+    def _run(self, sample, timestep, text):
+        with torch.no_grad():  # grad mode is per thread
+            cond = self.image.repeat(sample.shape[0] // self.image.shape[0], 1, 1, 1)
+            return self.controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=cond,
+                                   conditioning_scale=self.scale, return_dict=False)
+
+    def _start(self, module, args, kwargs):
+        names = ("sample", "timestep", "encoder_hidden_states")
+        sample, timestep, text = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        self._skips = []
+        self.calls += 1
+        if self.executor is None:
+            done: Future = Future()
+            done.set_result(self._run(sample, timestep, text))
+            self._job = done
+        else:
+            self._job = self.executor.submit(self._run, sample, timestep, text)
+
+    def _join(self, module, args, output):
+        down, mid = self._job.result()
+        if len(down) != len(self._skips):
+            raise RuntimeError(f"the ControlNet gave {len(down)} residuals for the UNet's {len(self._skips)} skips")
+        for skip, residual in zip(self._skips, down):
+            skip.add_(residual)  # the UNet's up path reads these very tensors
+        return output + mid
+
+
+def controlnet_executor(threads: int = 1) -> ThreadPoolExecutor:
+    """The ControlNet's own thread with its own intra-op thread budget."""
+    return ThreadPoolExecutor(1, thread_name_prefix="controlnet", initializer=torch.set_num_threads,
+                              initargs=(threads,))
+
+
+@dataclass
+class Generation:
+    """One call's prompts and options. `control_image`: (B, 3, H, W) in [0, 1], one per prompt."""
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    negative_prompt: str = ""
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    controlnet: str | None = None
+    control_image: torch.Tensor | None = None
+    controlnet_scale: float = 1.0
+
+
+class SwiftRuntime:
+    """A StableDiffusionPipeline with add-ons from `cache` (kinds "lora": a `LoRA`, "controlnet": a
+    `ControlNetModel`). Not thread-safe: one generation at a time (the caller holds a lock)."""
+
+    def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
+                 controlnet_threads: int = 1, baseline: bool = False):
+        if not 0 <= wait_fraction < 1:
+            raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
+        self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
+        self.patcher = LoRAPatcher(pipe.unet)
+        self.executor = controlnet_executor(controlnet_threads) if parallel_controlnet and not baseline else None
+
+    def wait_step(self, steps: int) -> int:
+        return min(round(self.wait_fraction * steps), steps - 1)
+
+    def generate(self, g: Generation, output_type: str = "pil") -> tuple[list, dict]:
+        """Images and a report of what happened: per LoRA its cache hit or miss and the first step it ran in."""
+        gens = [torch.Generator().manual_seed(int(s)) for s in g.seeds]
+        common = dict(num_inference_steps=g.steps, guidance_scale=g.guidance, generator=gens, output_type=output_type,
+                      negative_prompt=[g.negative_prompt] * len(g.prompts) if g.negative_prompt else None)
+        if self.baseline:
+            return self._baseline(g, common)
+        report: dict = {"wait_step": self.wait_step(g.steps), "loras": []}
+        pending = []
+        for name, scale in g.loras:  # loads start now, in the background
+            future, hit = self.cache.fetch("lora", name)
+            pending.append((name, scale, future))
+            report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
+        late = LatePatch(self.patcher, pending, report["wait_step"], g.steps)
+        try:
+            with self._controlnet(g, report) as hooks:
+                late.patch_ready(0)
+                images = self.pipe(g.prompts, callback_on_step_end=late if pending else None, **common).images
+            if hooks is not None:
+                report["controlnet"]["unet_calls"] = hooks.calls
+        finally:
+            self.patcher.restore()
+        for entry in report["loras"]:
+            entry["applied_from_step"] = late.applied_from[entry["name"]]
+        return images, report
+
+    @contextmanager
+    def _controlnet(self, g: Generation, report: dict):
+        if g.controlnet is None:
+            yield None
+            return
+        controlnet, hit = self.cache.get("controlnet", g.controlnet)  # needed from step 0: waited for
+        report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss",
+                                "parallel": self.executor is not None}
+        with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor) as hooks:
+            yield hooks
+
+    def _baseline(self, g: Generation, common: dict) -> tuple[list, dict]:
+        from diffusers import StableDiffusionControlNetPipeline
+
+        pipe, report, adapters = self.pipe, {"wait_step": 0, "loras": []}, []
+        try:
+            for i, (name, scale) in enumerate(g.loras):
+                lora, hit = self.cache.get("lora", name)
+                pipe.load_lora_weights(dict(lora.state_dict), adapter_name=f"request{i}")
+                adapters.append(f"request{i}")
+                report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss",
+                                        "applied_from_step": 0})
+            if adapters:
+                pipe.set_adapters(adapters, adapter_weights=[s for _, s in g.loras])
+                pipe.fuse_lora(adapter_names=adapters)
+            if g.controlnet is None:
+                images = pipe(g.prompts, **common).images
+            else:
+                controlnet, hit = self.cache.get("controlnet", g.controlnet)
+                report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss", "parallel": False}
+                parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+                cn_pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet,
+                                                            requires_safety_checker=False)
+                cn_pipe.set_progress_bar_config(disable=True)
+                images = cn_pipe(g.prompts, image=g.control_image, controlnet_conditioning_scale=g.controlnet_scale,
+                                 height=g.control_image.shape[-2], width=g.control_image.shape[-1], **common).images
+        finally:
+            if adapters:
+                pipe.unfuse_lora()
+                pipe.unload_lora_weights()
+        return images, report
