@@ -107,8 +107,34 @@ _SMDP_NAV = {
     "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
 }
 
+_TEACHER_PRIOR = {
+    "episode_steps": dict(ge=2, le=100_000),
+    "terrain_height": dict(ge=0.0, le=0.3),
+    "push_force": dict(ge=0.0, le=1000.0),
+    "obs_noise": dict(ge=0.0, le=10.0),
+    "history": dict(ge=1, le=64),
+    "heights_ahead": dict(ge=1, le=64),
+    "teacher_steps": dict(ge=1),
+    "student_steps": dict(ge=1),
+    "rollout_steps": dict(ge=2, le=100_000),
+    "num_envs": dict(ge=1, le=4096),
+    "lr": dict(gt=0.0, lt=1.0),
+    "hidden": dict(ge=8, le=4096),
+    "rollout_episodes": dict(ge=1, le=100_000),
+    "min_episode_length": dict(ge=1),
+    "sweep_workers": dict(min_length=1, max_length=64),
+    "trials_per_worker": dict(ge=1, le=1000),
+    "trial_steps": dict(ge=1),
+    "sweep_eval_episodes": dict(ge=1, le=10_000),
+    "eval_episodes": dict(ge=2, le=10_000),
+    "noise_levels": dict(min_length=1, max_length=8),
+    "wide_factor": dict(ge=1.0, le=10.0),
+    "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
+}
+
 CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE,
-                                          "smdp-nav": _SMDP_NAV, "hybrid-sd": _HYBRID}
+                                          "smdp-nav": _SMDP_NAV, "hybrid-sd": _HYBRID,
+                                          "teacher-prior": _TEACHER_PRIOR}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -139,6 +165,20 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     gate_thresholds={"success_rate": ["min", 0.5]}),
         "paper": dict(train_per_level=1000, eval_per_level=200, sim_budget_s=2_000_000.0, num_envs=64, hidden=256,
                       irsim_scenarios=100, gpu=True, gate_thresholds={"success_rate": ["min", 0.7]}),
+    },
+    "teacher-prior": {
+        "smoke": dict(episode_steps=24, history=2, heights_ahead=4, teacher_steps=192, student_steps=96,
+                      rollout_steps=24, num_envs=4, hidden=16, rollout_episodes=4, min_episode_length=2,
+                      sweep_workers=[0, 1], trials_per_worker=1, trial_steps=96, sweep_eval_episodes=2,
+                      eval_episodes=2, noise_levels=[0.0, 1.0], render=False,
+                      gate_thresholds={"return_ratio_vs_teacher": ["min", 0.0], "onnx_max_abs_diff": ["max", 1e-5]}),
+        "cpu": dict(teacher_steps=1_000_000, student_steps=600_000, trials_per_worker=2, trial_steps=100_000,
+                    eval_episodes=32,
+                    gate_thresholds={"return_ratio_vs_teacher": ["min", 0.5], "onnx_max_abs_diff": ["max", 1e-5]}),
+        "paper": dict(episode_steps=1000, terrain_height=0.08, teacher_steps=20_000_000, student_steps=10_000_000,
+                      num_envs=64, hidden=256, history=5, rollout_episodes=256, sweep_workers=[0, 1, 2, 3],
+                      trials_per_worker=4, trial_steps=2_000_000, eval_episodes=128, gpu=True,
+                      gate_thresholds={"return_ratio_vs_teacher": ["min", 0.85], "onnx_max_abs_diff": ["max", 1e-5]}),
     },
     "hybrid-sd": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, score_prompts=2, score_steps=2,
@@ -220,10 +260,27 @@ def _hybrid_splits(p: dict[str, Any]) -> str | None:
     return "; ".join(problems) or None
 
 
+def _teacher_prior_budgets(p: dict[str, Any]) -> str | None:
+    problems = []
+    if p["min_episode_length"] > p["episode_steps"]:
+        problems.append(f"min_episode_length {p['min_episode_length']} must be <= episode_steps {p['episode_steps']}")
+    if any(not 0 <= float(n) <= 10 for n in p["noise_levels"]):
+        problems.append(f"noise_levels must lie in [0, 10], got {p['noise_levels']}")
+    if float(p["obs_noise"]) not in [float(n) for n in p["noise_levels"]]:
+        problems.append(f"noise_levels {p['noise_levels']} must include the training obs_noise {p['obs_noise']} "
+                        f"(the gate compares the students with the teacher there)")
+    for name in ("teacher_steps", "student_steps", "trial_steps"):
+        if p[name] < p["rollout_steps"] * p["num_envs"]:
+            problems.append(f"{name} {p[name]} is less than one PPO iteration (rollout_steps x num_envs = "
+                            f"{p['rollout_steps'] * p['num_envs']})")
+    return "; ".join(problems) or None
+
+
 # Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
 CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
                                                                     "smdp-nav": [_smdp_durations],
-                                                                    "hybrid-sd": [_hybrid_splits]}
+                                                                    "hybrid-sd": [_hybrid_splits],
+                                                                    "teacher-prior": [_teacher_prior_budgets]}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:

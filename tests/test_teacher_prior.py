@@ -201,3 +201,17 @@ def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path,
     assert s["episodes"] == 3 and 0 <= s["fall_rate"] <= 1 and "aux_r2" in s
     assert (result["length"] >= 1).all() and (result["length"] <= TINY.episode_steps).all()
     assert ev.steps_to_fraction([[10, 1.0], [20, 5.0], [30, 10.0]], 0.4) == 20
+
+
+def test_pipeline_parameters_are_checked_before_any_step_runs():
+    from pipelines import registry
+    from pipelines.params import ParameterError, resolve
+
+    func = registry()["teacher-prior"]
+    assert resolve("teacher-prior", func, "smoke", {})["noise_levels"] == [0.0, 1.0]
+    with pytest.raises(ParameterError, match="must include the training obs_noise"):
+        resolve("teacher-prior", func, "cpu", {"noise_levels": [0.0, 2.0]})
+    with pytest.raises(ParameterError, match="less than one PPO iteration"):
+        resolve("teacher-prior", func, "cpu", {"student_steps": 100})
+    with pytest.raises(ParameterError, match="terrain_height"):
+        resolve("teacher-prior", func, "cpu", {"terrain_height": 0.5})

@@ -171,7 +171,7 @@ def serve(
     name: str = typer.Argument(..., help="Registered model name, e.g. tiny-sd."),
     ref: str = typer.Option("champion", help="Alias or version to serve."),
     port: int = typer.Option(None, help="HTTP port (default: DISTILLERY_SERVE_PORT)."),
-    kind: str = typer.Option("auto", help="Predictor kind (text-to-image, policy, navigation); auto reads the model folder."),
+    kind: str = typer.Option("auto", help="Predictor kind (text-to-image, policy, navigation, locomotion); auto reads the model folder."),
     model_dir: Optional[Path] = typer.Option(None, help="Serve this local model folder instead of the registry's."),
 ):
     """Serve models:/NAME@champion with KServe's ModelServer on 127.0.0.1 (V1 and V2 protocols)."""

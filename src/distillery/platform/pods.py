@@ -37,10 +37,11 @@ COMPUTE_STEPS = frozenset({
     "train-feature-net", "train-vae", "train-unet", "train-policy", "sweep-worker", "distill",
     "collect-demos", "evaluate-text-to-image", "evaluate-policies", "evaluate-students", "train-navigation",
     "evaluate-navigation", "score-layers", "prune-unet", "distill-small", "train-tiny-vae", "evaluate-hybrid",
+    "train-teacher", "teacher-rollouts", "sweep-prior-weights", "train-student", "evaluate-locomotion",
 })
 # Of those, the ones that get an accelerator in a GPU profile (evaluation samples the diffusion models too;
-# navigation is evaluated by stepping numpy simulators, on CPU).
-ACCELERATOR_STEPS = COMPUTE_STEPS - {"collect-demos", "evaluate-navigation"}
+# navigation and locomotion are evaluated by stepping simulators, on CPU).
+ACCELERATOR_STEPS = COMPUTE_STEPS - {"collect-demos", "evaluate-navigation", "teacher-rollouts", "evaluate-locomotion"}
 ACCELERATOR = "nvidia.com/gpu"
 
 # Every task's pod carries this label: the NetworkPolicies of manifests/base let only such pods (and the MLflow

@@ -148,6 +148,6 @@ def ppo_update(fabric, model, opt, cfg: PPOConfig, batch: dict[str, torch.Tensor
                 stats["clip_fraction"].append(float(((ratio - 1).abs() > cfg.clip).float().mean()))
             for k, v in (("loss", loss), ("policy_loss", pg), ("value_loss", vf), ("entropy", ent.mean())):
                 stats[k].append(v.item())
-    y, v = batch["returns"].numpy(), batch["values"].numpy()
+    y, v = batch["returns"].cpu().numpy(), batch["values"].cpu().numpy()
     explained = float(1 - np.var(y - v) / np.var(y)) if np.var(y) > 0 else float("nan")
     return {**{k: float(np.mean(s)) for k, s in stats.items()}, "explained_variance": explained}

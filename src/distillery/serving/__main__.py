@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m distillery.serving", description=__doc__)
     ap.add_argument("--model-dir", type=Path, required=True, help="Model folder (KServe mounts storageUri at /mnt/models).")
     ap.add_argument("--model-name", required=True, help="Name in the URL: /v1/models/NAME:predict.")
-    ap.add_argument("--kind", default="auto", help="Predictor kind (text-to-image, policy, navigation); auto reads the model folder.")
+    ap.add_argument("--kind", default="auto", help="Predictor kind (text-to-image, policy, navigation, locomotion); auto reads the model folder.")
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--host", default="127.0.0.1", help="Bind address; 0.0.0.0 only inside a pod.")
     ap.add_argument("--grpc-port", type=int, default=8081, help="V2 gRPC port; 0 turns gRPC off.")

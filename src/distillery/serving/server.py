@@ -213,20 +213,23 @@ def v2_parameters(request) -> dict:
 
 
 def detect_kind(model_dir: Path) -> str:
-    """The predictor a model folder needs: a saved policy (its policy.json names the kind: "policy" or
-    "navigation") or a diffusers pipeline."""
+    """The predictor a model folder needs: a saved policy (its policy.json names the kind: "policy",
+    "navigation" or "locomotion") or a diffusers pipeline."""
     if (Path(model_dir) / "policy.json").exists():
         return json.loads((Path(model_dir) / "policy.json").read_text()).get("kind", "policy")
-    if (Path(model_dir) / "model_index.json").exists():
-        return "text-to-image"
+    if (Path(model_dir) / "model_index.json").exists():  # its distillery.json may name another diffusers kind
+        cfg = Path(model_dir) / "distillery.json"
+        return json.loads(cfg.read_text()).get("kind", "text-to-image") if cfg.exists() else "text-to-image"
     raise FileNotFoundError(f"{model_dir} holds neither a saved policy (policy.json) nor a diffusers pipeline "
                             f"(model_index.json)")
 
 
 def _kinds() -> dict:
     import distillery.serving.hybrid  # noqa: F401 - registers its kinds
+    import distillery.serving.locomotion  # noqa: F401 - registers its kind
     import distillery.serving.navigation  # noqa: F401 - registers its kind
     import distillery.serving.policy  # noqa: F401 - registers its kind
+    import distillery.serving.swift_diffusion  # noqa: F401 - registers its kinds
     import distillery.serving.text_to_image  # noqa: F401 - registers its kind
 
     return KINDS

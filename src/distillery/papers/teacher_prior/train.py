@@ -105,23 +105,24 @@ class MotionPrior:
 
     def __init__(self, teacher_s: np.ndarray, teacher_next: np.ndarray, pc: PriorConfig, fabric,
                  generator: torch.Generator):
+        dev = self.device = fabric.device
         if teacher_s.shape[-1] != PROPRIO or teacher_next.shape != teacher_s.shape:
             raise ValueError(f"teacher transitions must be (n, {PROPRIO}) pairs, got {teacher_s.shape} and "
                              f"{teacher_next.shape}")
         self.pc, self.gen = pc, generator
-        self.teacher = (torch.as_tensor(teacher_s, dtype=torch.float32), torch.as_tensor(teacher_next, dtype=torch.float32))
-        disc = Discriminator(PROPRIO, pc.disc_hidden)
+        self.teacher = (_tensor(teacher_s, dev), _tensor(teacher_next, dev))
+        disc = Discriminator(PROPRIO, pc.disc_hidden).to(dev)
         disc.norm.update(self.teacher[0])  # fixed input scale: the teacher's motion statistics
         self.disc, self.opt = fabric.setup(disc, torch.optim.Adam(disc.parameters(), lr=pc.disc_lr))
         self.fabric = fabric
 
     @torch.no_grad()
     def reward(self, s: np.ndarray, s_next: np.ndarray) -> np.ndarray:
-        d = self.disc(torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(s_next, dtype=torch.float32))
-        return style_reward(d).numpy()
+        d = self.disc(_tensor(s, self.device), _tensor(s_next, self.device))
+        return style_reward(d).cpu().numpy()
 
     def update(self, s: np.ndarray, s_next: np.ndarray) -> dict:
-        student = (torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(s_next, dtype=torch.float32))
+        student = (_tensor(s, self.device), _tensor(s_next, self.device))
         n = len(student[0])
         stats: dict[str, list[float]] = {}
         for _ in range(self.pc.disc_epochs):
@@ -136,6 +137,10 @@ class MotionPrior:
                 for k, v in st.items():
                     stats.setdefault(k, []).append(v)
         return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def _tensor(x, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
 
 
 def _one_process(fabric) -> None:
@@ -175,12 +180,12 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
     else:
         net = new_student(cfg, ppo.hidden, ppo.init_log_std, seed, aux)
     model, opt = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=ppo.lr, eps=1e-5))
+    dev = fabric.device  # MuJoCo steps on the CPU; the networks (and the update) live here
     gen = torch.Generator().manual_seed(seed + 1)
     env = TerrainVecEnv(cfg, ppo.num_envs, seed=seed, terrain_seeds=TRAIN_SEEDS)
     motion = MotionPrior(rollouts["proprio"], rollouts["proprio_next"], pc, fabric, gen) if prior else None
     if aux:
-        aux_mean = torch.as_tensor(rollouts["aux"].mean(0), dtype=torch.float32)
-        aux_std = torch.as_tensor(rollouts["aux"].std(0) + 1e-3, dtype=torch.float32)
+        aux_mean, aux_std = _tensor(rollouts["aux"].mean(0), dev), _tensor(rollouts["aux"].std(0) + 1e-3, dev)
     scaler = RewardScaler(ppo.num_envs, gamma)
     obs = env.reset()
     iters = max(1, -(-env_steps // (rollout_steps * ppo.num_envs)))
@@ -194,10 +199,10 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
         nonlocal obs, done_steps
         b = {k: [] for k in ("obs", "actions", "logprobs", "values", "r_task", "done", "boot", "p", "p_next", "aux")}
         for _ in range(rollout_steps):
-            x = torch.from_numpy(obs[key])
+            x = _tensor(obs[key], dev)
             net.norm.update(x)
             with torch.no_grad():
-                action, logp, _, value = net(x, generator=gen)
+                action, logp, _, value = (v.cpu() for v in net(x, generator=gen))
             nxt, r, term, trunc, info = env.step(action.numpy())
             p_next = nxt["proprio"].copy()
             boot = np.zeros(ppo.num_envs)
@@ -207,7 +212,7 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
                     recent.append((float(info["episode_return"][i]), bool(info["fell"][i])))
                     if trunc[i]:  # a time-out, not a fall: bootstrap from the state it ended in
                         with torch.no_grad():
-                            boot[i] = float(net.value(torch.from_numpy(final[key][None].astype(np.float32))))
+                            boot[i] = float(net.value(_tensor(final[key][None], dev)))
             for k, v in (("obs", obs[key]), ("actions", action.numpy()), ("logprobs", logp.numpy()),
                          ("values", value.numpy()), ("r_task", r), ("done", term | trunc), ("boot", boot),
                          ("p", obs["proprio"]), ("p_next", p_next), ("aux", obs["aux"])):
@@ -223,17 +228,17 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
             disc_curve.append([done_steps + reward.size, last["disc_accuracy"], last["style_reward"]])
         scaled = scaler(reward, a["done"]) + gamma * a["boot"]
         with torch.no_grad():
-            next_values = np.concatenate([a["values"][1:], net.value(torch.from_numpy(obs[key])).numpy()[None]])
+            next_values = np.concatenate([a["values"][1:], net.value(_tensor(obs[key], dev)).cpu().numpy()[None]])
         adv, ret = gae(scaled, a["values"], next_values, a["done"].astype(np.float64), np.full(reward.shape, gamma),
                        ppo.lam)
         dim = a["obs"].shape[-1]
         batch = {"obs": a["obs"].reshape(-1, dim), "actions": a["actions"].reshape(-1, ACT),
                  "logprobs": a["logprobs"].ravel(), "advantages": adv.ravel(), "returns": ret.ravel(),
                  "values": a["values"].ravel()}
-        batch = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in batch.items()}
+        batch = {k: _tensor(v, dev) for k, v in batch.items()}
         extra = None
         if aux:
-            batch["aux_target"] = (torch.as_tensor(a["aux"].reshape(-1, AUX)) - aux_mean) / aux_std
+            batch["aux_target"] = (_tensor(a["aux"].reshape(-1, AUX), dev) - aux_mean) / aux_std
 
             def extra(mb):
                 mse = ((net.predict_aux(mb["obs"]) - mb["aux_target"]) ** 2).mean()
@@ -285,6 +290,8 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
     _one_process(fabric)
     net = new_student(cfg, hidden, init_log_std, seed, aux=False)
     model, opt = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=pc.dagger_lr))
+    dev = fabric.device
+    teacher.net.to(dev)
     gen = torch.Generator().manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 2)
     env = TerrainVecEnv(cfg, num_envs, seed=seed, terrain_seeds=TRAIN_SEEDS)
@@ -300,10 +307,10 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
         nonlocal obs, done_steps
         beta = pc.dagger_beta ** it
         for _ in range(rollout_steps):
-            x = torch.from_numpy(obs["student"])
+            x = _tensor(obs["student"], dev)
             net.norm.update(x)
-            label = teacher.net.act_deterministic(torch.from_numpy(obs["teacher"])).numpy()
-            own = net.act_deterministic(x).numpy()
+            label = teacher.net.act_deterministic(_tensor(obs["teacher"], dev)).cpu().numpy()
+            own = net.act_deterministic(x).cpu().numpy()
             use_teacher = rng.random(num_envs) < beta
             xs.append(obs["student"])
             ys.append(label)
@@ -311,8 +318,7 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
             recent.extend((float(info["episode_return"][i]), bool(info["fell"][i]))
                           for i, f in enumerate(info["final"]) if f is not None)
         del xs[:-max(1, pc.dagger_buffer // num_envs)], ys[:-max(1, pc.dagger_buffer // num_envs)]
-        X = torch.as_tensor(np.concatenate(xs))
-        Y = torch.as_tensor(np.concatenate(ys))
+        X, Y = _tensor(np.concatenate(xs), dev), _tensor(np.concatenate(ys), dev)
         losses = []
         for _ in range(pc.dagger_epochs):
             for idx in torch.split(torch.randperm(len(X), generator=gen), 256):
