@@ -1,0 +1,90 @@
+"""teacher-prior targets from one pipeline run (issue: privileged teacher, student with an adversarial motion prior
+and auxiliary tasks), ours vs the baseline each target names, side by side:
+
+- the method student's return under the training noise vs the teacher's with privileged observations (>= 0.85x);
+- the method vs the DAgger/BC student on held-out terrain: return >= 1.15x, or fall rate <= 0.7x;
+- environment steps to 80% of the final training return, method vs the no-auxiliary ablation (<= 0.7x);
+- the auxiliary head's R^2 on held-out states (>= 0.7);
+- every student and ablation with its 95% CI over the evaluation episodes, at each noise level and under the wider
+  randomization.
+
+    python bench/teacher_prior.py --run --profile cpu [--set student_steps=300000]   # run the pipeline, then report
+    python bench/teacher_prior.py --home DIR                                         # report a finished run again
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import fresh_home, report
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENTS = ("method", "no_aux", "no_disc", "dagger", "scratch")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="store_true", help="run the teacher-prior pipeline first")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--home", type=Path, help="DISTILLERY_HOME of a finished teacher-prior run")
+    opts = ap.parse_args()
+    extra: dict = {"profile": opts.profile, "sets": opts.sets}
+    home = opts.home
+    if opts.run:
+        home = fresh_home(f"teacher-prior-{opts.profile}")
+        cmd = [sys.executable, "-m", "distillery.cli", "run", "teacher-prior", "--profile", opts.profile]
+        for s in opts.sets:
+            cmd += ["--set", s]
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
+        extra["pipeline_s"] = time.perf_counter() - t
+    if home is None:
+        ap.error("give --run or --home")
+    from mlflow import MlflowClient
+
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    os.environ["DISTILLERY_HOME"] = str(home)
+    get_settings.cache_clear()
+    tracking.configure()
+    c = MlflowClient()
+    exp = c.get_experiment_by_name("distillery/teacher-prior")
+    m = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
+                      order_by=["attributes.start_time DESC"])[0].data.metrics
+    noise = next(k.split("_")[1] for k in m if k.startswith("teacher_noise") and k.endswith("_return"))
+    rows = [
+        (f"return: method ({noise}) vs teacher (privileged)", m[f"method_{noise}_return"],
+         m[f"teacher_{noise}_return"], ""),
+        (f"return: method vs DAgger/BC ({noise})", m[f"method_{noise}_return"], m[f"dagger_{noise}_return"], ""),
+        (f"fall rate: method vs DAgger/BC ({noise})", m[f"method_{noise}_fall_rate"], m[f"dagger_{noise}_fall_rate"], ""),
+        ("return: method vs DAgger/BC (wider randomization)", m["method_wide_return"], m["dagger_wide_return"], ""),
+        ("env steps to 80% of final return: method vs no-aux", m.get("method_steps_to_80pct", float("nan")),
+         m.get("no_aux_steps_to_80pct", float("nan")), "steps"),
+    ]
+    for s in STUDENTS[1:]:
+        rows.append((f"return: {s} vs method ({noise})", m[f"{s}_{noise}_return"], m[f"method_{noise}_return"], ""))
+    table = {k: v for k, v in m.items() if k.startswith(("teacher_", *(f"{s}_" for s in STUDENTS)))
+             and k.rsplit("_", 1)[-1] in ("return", "ci", "rate", "distance", "error", "r2")}
+    dagger_falls = m[f"dagger_{noise}_fall_rate"]
+    falls_better = dagger_falls > 0 and m[f"method_{noise}_fall_rate"] <= 0.7 * dagger_falls
+    targets = {
+        "method >= 0.85x teacher's return": m["return_ratio_vs_teacher"] >= 0.85,
+        "method >= 1.15x DAgger's return or <= 0.7x its fall rate": m["return_ratio_vs_dagger"] >= 1.15 or falls_better,
+        "steps to 80%: method <= 0.7x no-aux": m.get("steps_to_80pct_ratio_vs_no_aux", float("inf")) <= 0.7,
+        "auxiliary R^2 >= 0.7": m.get("aux_r2", float("-inf")) >= 0.7,
+    }
+    extra.update(targets=targets, metrics=table, aux_r2=m.get("aux_r2"))
+    report("teacher_prior", rows, extra)
+    for name, met in targets.items():
+        print(f"{'met   ' if met else 'MISSED'}  {name}")
+
+
+if __name__ == "__main__":
+    main()
