@@ -39,6 +39,10 @@ class DeadlineExceeded(ServerNotReady):
     """The request's deadline passed before its result was ready: answered 504 (gRPC UNAVAILABLE)."""
 
 
+class RequestFailed(ServerNotReady):
+    """This request could not be served (e.g. a store it needs failed) but the model is fine: 503, still ready."""
+
+
 class ModelFailed(ServerNotReady):
     """The model raised something other than a client error; the predictor turns not-ready (503)."""
 
@@ -151,7 +155,7 @@ class Batcher:
                 results = await loop.run_in_executor(self._executor, self.run, batch[0].key, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"the batch call returned {len(results)} results for {len(items)} items")
-            except InvalidInput as exc:
+            except (InvalidInput, RequestFailed) as exc:
                 for e in batch:
                     if not e.future.done():
                         e.future.set_exception(exc)

@@ -34,6 +34,14 @@ DEFAULTS = {"default_steps": 25, "max_steps": 100, "max_batch": 8, "default_guid
 
 @register_kind("text-to-image")
 class TextToImageModel(ServedModel):
+    # Request fields besides "prompt" (V1 instance keys and V2 parameters), and the V2 inputs that carry them with
+    # their datatypes; a subclass adds its own (`_v2_options` converts its extra inputs).
+    OPTIONS: tuple[str, ...] = ("steps", "guidance", "seed", "negative_prompt")
+    V2_INPUTS: dict[str, tuple[str, ...]] = {
+        "steps": ("INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16"),
+        "guidance": ("FP32", "FP64", "FP16"), "seed": ("INT64", "UINT64", "INT32", "UINT32"),
+        "negative_prompt": ("BYTES",)}
+
     def __init__(self, name: str, model_dir: Path, **batching):
         super().__init__(name, model_dir, **batching)
         self.pipe = None
@@ -100,9 +108,9 @@ class TextToImageModel(ServedModel):
                 raise InvalidInput(f"every 'prompt' must be a non-empty string, got {p!r}")
             if len(p) > self.limits["max_prompt_chars"]:
                 raise InvalidInput(f"prompt longer than {self.limits['max_prompt_chars']} characters")
-        unknown = set(options) - {"steps", "guidance", "seed", "negative_prompt"}
+        unknown = set(options) - set(self.OPTIONS)
         if unknown:
-            raise InvalidInput(f"unknown field(s) {sorted(unknown)}; allowed: prompt, steps, guidance, seed, negative_prompt")
+            raise InvalidInput(f"unknown field(s) {sorted(unknown)}; allowed: prompt, {', '.join(self.OPTIONS)}")
         neg = options.get("negative_prompt", "")
         if not isinstance(neg, str):
             raise InvalidInput("'negative_prompt' must be a string")
@@ -126,17 +134,17 @@ class TextToImageModel(ServedModel):
             images = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
                                negative_prompt=[negative] * len(prompts) if negative else None,
                                height=self.size, width=self.size, generator=gens).images
-        out = []
-        for img in images:
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
+        return [png_bytes(img) for img in images]
 
-    async def _generate(self, req: dict, headers: dict | None) -> list[bytes]:
-        items = [(p, req["seed"] + k) for k, p in enumerate(req["prompts"])]
-        return await self.batcher.submit((req["steps"], req["guidance"], req["negative_prompt"]), items,
-                                         deadline_from(headers))
+    def _batch(self, req: dict) -> tuple[tuple, list]:
+        """The batching key (requests with equal keys share one pipeline call) and the request's items."""
+        return (req["steps"], req["guidance"], req["negative_prompt"]), \
+            [(p, req["seed"] + k) for k, p in enumerate(req["prompts"])]
+
+    async def _generate(self, req: dict, headers: dict | None) -> tuple[list[bytes], dict]:
+        """The request's PNGs and what a kind reports about how they were made (nothing here)."""
+        key, items = self._batch(req)
+        return await self.batcher.submit(key, items, deadline_from(headers)), {}
 
     # ------------------------------------------------------------------------------------ protocols
 
@@ -158,16 +166,16 @@ class TextToImageModel(ServedModel):
         if any("prompt" not in i for i in instances):
             raise InvalidInput("missing 'prompt' in an instance")
         req = self._request([i["prompt"] for i in instances], first)
-        pngs = await self._generate(req, headers)
+        pngs, info = await self._generate(req, headers)
         return {"predictions": [{"image_png_b64": base64.b64encode(p).decode(), "seed": req["seed"] + k,
-                                 "steps": req["steps"]} for k, p in enumerate(pngs)]}
+                                 "steps": req["steps"], **info} for k, p in enumerate(pngs)]}
 
     async def _predict_v2(self, request: kserve.InferRequest, headers: dict | None) -> kserve.InferResponse:
         by_name = {i.name: i for i in request.inputs}
-        unknown = set(by_name) - {"prompt", "steps", "guidance", "seed", "negative_prompt"}
+        unknown = set(by_name) - {"prompt", *self.V2_INPUTS}
         if unknown or "prompt" not in by_name:
             raise InvalidInput("V2 request needs an input named 'prompt' (datatype BYTES, shape [n]) and may have "
-                               f"steps, guidance, seed, negative_prompt; got {sorted(by_name)}")
+                               f"{', '.join(self.V2_INPUTS)}; got {sorted(by_name)}")
         prompt = v2_array(by_name["prompt"], ("BYTES",))
         if prompt.ndim != 1:
             raise InvalidInput(f"input 'prompt' must have shape [n], got {list(prompt.shape)}")
@@ -177,18 +185,10 @@ class TextToImageModel(ServedModel):
             raise InvalidInput(f"unknown output(s) {[o.name for o in requested if o.name != 'image']}; "
                                "this model has one output, 'image'")
         # KServe's own switch for the binary data extension; everything else is a generation option.
-        options = {k: v for k, v in v2_parameters(request).items() if k != "binary_data_output"}
-        kinds = {"steps": ("INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16"),
-                 "guidance": ("FP32", "FP64", "FP16"), "seed": ("INT64", "UINT64", "INT32", "UINT32"),
-                 "negative_prompt": ("BYTES",)}
-        for name in kinds:
-            if name in by_name:
-                values = v2_array(by_name[name], kinds[name]).reshape(-1)
-                if len(values) != 1:
-                    raise InvalidInput(f"input '{name}' must hold exactly one value")
-                options[name] = _text(values[0], name) if name == "negative_prompt" else values[0].item()
+        options = self._v2_options(by_name, {k: v for k, v in v2_parameters(request).items()
+                                             if k != "binary_data_output"})
         req = self._request(prompts, options)
-        pngs = await self._generate(req, headers)
+        pngs, info = await self._generate(req, headers)
         binary = True if request.from_grpc else bool(requested[0].binary_data) if requested \
             else request.use_binary_outputs
         if request.from_grpc:  # KServe's to_grpc takes a list (a numpy array fails its truth test)
@@ -199,9 +199,27 @@ class TextToImageModel(ServedModel):
             data, content_type = [base64.b64encode(p).decode() for p in pngs], "image/png;base64"
         out = kserve.InferOutput(name="image", datatype="BYTES", shape=[len(pngs)], data=data,
                                  parameters={"content_type": content_type})
+        # V2 parameters are scalars (gRPC's InferParameter): structured reports travel as JSON text.
+        info = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in info.items()}
         return kserve.InferResponse(model_name=self.name, infer_outputs=[out], response_id=request.id or "",
-                                    parameters={"steps": req["steps"], "seed": req["seed"]},
+                                    parameters={"steps": req["steps"], "seed": req["seed"], **info},
                                     use_binary_outputs=binary, requested_outputs=request.request_outputs)
+
+    def _v2_options(self, by_name: dict, options: dict) -> dict:
+        """Request options from V2 parameters and scalar inputs (an input wins over a parameter of its name)."""
+        for name in TextToImageModel.V2_INPUTS:
+            if name in by_name:
+                values = v2_array(by_name[name], self.V2_INPUTS[name]).reshape(-1)
+                if len(values) != 1:
+                    raise InvalidInput(f"input '{name}' must hold exactly one value")
+                options[name] = _text(values[0], name) if name == "negative_prompt" else values[0].item()
+        return options
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _text(value: Any, name: str) -> str:

@@ -1,0 +1,165 @@
+"""The SwiftDiffusion predictor over HTTP (untrained tiny SD, add-ons in a local store): LoRAs and a ControlNet by
+name in V1 and V2, what happened reported per request and in /metrics, and every client mistake a 4xx while the
+server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from test_serving import start_server, stop_server
+from test_swift_diffusion import CFG, _random_lora, _squares
+
+from distillery.models import tiny_sd
+from distillery.papers.swift_diffusion import addons, train
+
+
+def _png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+EDGES = _png(addons.edge_map(_squares()[:1])[0])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    model = tmp_path_factory.mktemp("swift")
+    pipe = tiny_sd.build_pipeline(CFG, seed=0)
+    pipe.save_pretrained(model)
+    (model / "distillery.json").write_text(json.dumps({"kind": "swift-diffusion", "default_steps": 3, "max_steps": 10,
+                                                       "wait_fraction": 0.4, "max_loras": 2}))
+    store = model / "addons"
+    for i, name in enumerate(("ink", "bold", "gone")):
+        (store / "lora" / name).mkdir(parents=True)
+        save_file(_random_lora(pipe.unet, i), str(store / "lora" / name / addons.LORA_FILE), metadata={"format": "pt"})
+    (store / "lora" / "alien").mkdir()
+    save_file({"unet.nowhere.lora_A.weight": torch.zeros(2, 4), "unet.nowhere.lora_B.weight": torch.zeros(4, 2)},
+              str(store / "lora" / "alien" / addons.LORA_FILE))
+    cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=train.conditioning_channels(4))
+    with torch.no_grad():
+        for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.2)
+    cn.save_pretrained(store / "controlnet" / "edges", safe_serialization=True)
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    proc, url, sink = start_server(model, "swift", log)  # kind "auto": read from distillery.json
+    yield url, store, log
+    stop_server(proc, sink)
+
+
+def _v1(url, **fields):
+    return requests.post(f"{url}/v1/models/swift:predict",
+                         json={"instances": [{"prompt": "a bright square", "seed": 1, **fields}]}, timeout=60)
+
+
+def test_v1_loras_and_controlnet_report_what_happened(served):
+    url, *_ = served
+    plain = _v1(url)
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["predictions"][0]["addons"] == {"wait_step": 1, "loras": []}
+    first = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
+                controlnet={"name": "edges", "image": EDGES, "scale": 0.9})
+    assert first.status_code == 200, first.text
+    report = first.json()["predictions"][0]["addons"]
+    assert [(e["name"], e["cache"]) for e in report["loras"]] == [("ink", "miss"), ("bold", "miss")]
+    assert all(0 <= e["applied_from_step"] <= report["wait_step"] == 1 for e in report["loras"])
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "unet_calls": 3}
+    again = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
+                controlnet={"name": "edges", "image": EDGES, "scale": 0.9}).json()["predictions"][0]
+    assert [(e["cache"], e["applied_from_step"]) for e in again["addons"]["loras"]] == [("hit", 0), ("hit", 0)]
+    assert again["addons"]["controlnet"]["cache"] == "hit"
+    assert again["image_png_b64"] != plain.json()["predictions"][0]["image_png_b64"]
+
+
+def test_v2_addons_as_tensors_and_the_report_as_a_parameter(served):
+    url, *_ = served
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a dark square", "a square"]},
+                       {"name": "lora_name", "datatype": "BYTES", "shape": [1], "data": ["bold"]},
+                       {"name": "lora_scale", "datatype": "FP32", "shape": [1], "data": [1.5]},
+                       {"name": "controlnet", "datatype": "BYTES", "shape": [1], "data": ["edges"]},
+                       {"name": "control_image", "datatype": "BYTES", "shape": [1], "data": [EDGES]}],
+            "parameters": {"steps": 2}}
+    r = requests.post(f"{url}/v2/models/swift/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["outputs"][0]["shape"] == [2]
+    report = json.loads(out["parameters"]["addons"])
+    assert report["loras"][0]["name"] == "bold" and report["loras"][0]["scale"] == 1.5
+    assert report["controlnet"]["name"] == "edges"
+    inputs = {i["name"] for i in requests.get(f"{url}/v2/models/swift", timeout=5).json()["inputs"]}
+    assert {"prompt", "lora_name", "lora_scale", "controlnet", "control_image"} <= inputs
+
+
+def _wrong_size() -> str:
+    return _png(np.zeros((32, 32, 3), np.uint8))
+
+
+@pytest.mark.parametrize("fields,words", [
+    ({"loras": [{"name": "sepia"}]}, "unknown lora 'sepia'; available: ['alien', 'bold', 'gone', 'ink']"),
+    ({"loras": [{"name": "ink", "scale": 5}]}, "between 0.0 and 2.0"),
+    ({"loras": [{"name": "ink", "scale": "x"}]}, "number"),
+    ({"loras": [{"name": "ink", "weight": 1}]}, "each LoRA must be"),
+    ({"loras": [{"name": "ink"}, {"name": "ink"}]}, "twice"),
+    ({"loras": [{"name": "ink"}, {"name": "bold"}, {"name": "gone"}]}, "at most 2"),
+    ({"loras": [{"name": "../controlnet/edges"}]}, "letters, digits"),
+    ({"loras": [{"name": "alien"}]}, "does not fit this model"),
+    ({"controlnet": {"name": "canny", "image": EDGES}}, "unknown controlnet 'canny'"),
+    ({"controlnet": {"name": "edges"}}, "must be {"),
+    ({"controlnet": {"name": "edges", "image": "not base64!"}}, "base64"),
+    ({"controlnet": {"name": "edges", "image": base64.b64encode(b"GIF89a...").decode()}}, "not a readable image"),
+    ({"controlnet": {"name": "edges", "image": _wrong_size()}}, "must be 16x16 pixels, got 32x32"),
+    ({"controlnet": {"name": "edges", "image": EDGES, "scale": -1}}, "between 0.0 and 2.0"),
+    ({"styles": ["ink"]}, "unknown field"),
+])
+def test_client_mistakes_get_400_and_the_server_keeps_serving(served, fields, words):
+    url, *_ = served
+    r = _v1(url, steps=1, **fields)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert words.lower() in r.text.lower(), r.text
+    assert _v1(url, steps=1).status_code == 200
+
+
+@pytest.mark.parametrize("inputs,words", [
+    ([{"name": "lora_scale", "datatype": "FP32", "shape": [1], "data": [1.0]}], "without 'lora_name'"),
+    ([{"name": "lora_name", "datatype": "BYTES", "shape": [2], "data": ["ink", "bold"]},
+      {"name": "lora_scale", "datatype": "FP32", "shape": [1], "data": [1.0]}], "one value per"),
+    ([{"name": "controlnet", "datatype": "BYTES", "shape": [1], "data": ["edges"]}], "needs both"),
+    ([{"name": "lora_name", "datatype": "FP32", "shape": [1], "data": [1.0]}], "BYTES"),
+])
+def test_v2_mistakes_get_400(served, inputs, words):
+    url, *_ = served
+    body = {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["x"]}, *inputs],
+            "parameters": {"steps": 1}}
+    r = requests.post(f"{url}/v2/models/swift/infer", json=body, timeout=60)
+    assert r.status_code == 400 and words.lower() in r.text.lower(), r.text
+
+
+def test_a_failing_addon_store_is_a_503_for_that_request_only(served):
+    url, store, log = served
+    shutil.rmtree(store / "lora" / "gone")  # still in the index the predictor read at start
+    r = _v1(url, steps=1, loras=[{"name": "gone"}])
+    assert r.status_code == 503 and "could not be fetched" in r.text, r.text
+    assert requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+    assert _v1(url, steps=1, loras=[{"name": "ink"}]).status_code == 200
+
+
+def test_metrics_count_cache_hits_and_patch_steps(served):
+    url, _, log = served
+    _v1(url, steps=1, loras=[{"name": "ink"}])
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    assert 'swift_addon_cache_total{kind="lora",result="hit"}' in text
+    assert 'swift_addon_cache_total{kind="controlnet",result="miss"}' in text
+    assert "swift_lora_applied_from_step_bucket" in text
+    assert "Traceback" not in log.read_text()
