@@ -163,3 +163,26 @@ def test_metrics_count_cache_hits_and_patch_steps(served):
     assert 'swift_addon_cache_total{kind="controlnet",result="miss"}' in text
     assert "swift_lora_applied_from_step_bucket" in text
     assert "Traceback" not in log.read_text()
+
+
+def test_the_baseline_kind_makes_the_same_image_as_swift_with_k_zero(served):
+    from distillery.serving.swift_diffusion import BaselineDiffusionModel, SwiftDiffusionModel
+
+    _, store, _ = served
+    threads = torch.get_num_threads()
+    images, reports = [], []
+    try:
+        for kind in (SwiftDiffusionModel, BaselineDiffusionModel):
+            model = kind("swift", store.parent)
+            model.check()
+            model.addon_limits["wait_fraction"] = 0.0
+            model.load_model()
+            req = model._request(["a bright square"], {"steps": 2, "seed": 1, "loras": [{"name": "ink", "scale": 0.8}],
+                                                       "controlnet": {"name": "edges", "image": EDGES}})
+            ((png, report),) = model.run_batch(*model._batch(req))
+            images.append(np.asarray(Image.open(io.BytesIO(png)), dtype=int))
+            reports.append(report)
+    finally:
+        torch.set_num_threads(threads)
+    assert reports[0]["controlnet"]["parallel"] and not reports[1]["controlnet"]["parallel"]
+    assert np.abs(images[0] - images[1]).max() <= 1  # fuse_lora and ControlNet pipeline vs in-place patch and hooks

@@ -122,6 +122,17 @@ class _Denoising:
         return idx, self.sched.add_noise(z0, noise, t), t, cond, noise
 
 
+def _setup(dataset, base_dir: Path, cfg: AddonTrainConfig, transform=lambda images: images):
+    """Checked config and data, the base pipeline, the launched Fabric and the batches of the (transformed) images,
+    each rank its own."""
+    cfg.check()
+    pipe = _load_base(base_dir, dataset)
+    fabric = make_fabric()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + fabric.global_rank)
+    return pipe, fabric, _Denoising(pipe, transform(dataset.images), list(dataset.captions), cfg, gen)
+
+
 def _run(name: str, model, params, data: _Denoising, cfg: AddonTrainConfig, checkpoint_dir, on_log, fabric, extra,
          fingerprint: dict) -> dict:
     """The shared loop: AdamW on the add-on's parameters only, gradients clipped, resumable."""
@@ -157,12 +168,7 @@ def train_lora(dataset, base_dir: Path, out_dir: Path, cfg: LoRATrainConfig, *, 
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    cfg.check()
-    pipe = _load_base(base_dir, dataset)
-    fabric = make_fabric()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + fabric.global_rank)
-    data = _Denoising(pipe, stylize(dataset.images, cfg.style), list(dataset.captions), cfg, gen)
+    pipe, fabric, data = _setup(dataset, base_dir, cfg, lambda images: stylize(images, cfg.style))
     unet = pipe.unet
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
@@ -205,12 +211,7 @@ def train_controlnet(dataset, base_dir: Path, out_dir: Path, cfg: ControlNetTrai
     """A ControlNet that makes the base follow edge maps; writes a diffusers ControlNetModel folder to `out_dir`."""
     from diffusers import ControlNetModel
 
-    cfg.check()
-    pipe = _load_base(base_dir, dataset)
-    fabric = make_fabric()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + fabric.global_rank)
-    data = _Denoising(pipe, dataset.images, list(dataset.captions), cfg, gen)
+    pipe, fabric, data = _setup(dataset, base_dir, cfg)
     hints = torch.from_numpy(edge_map(dataset.images)).permute(0, 3, 1, 2).float() / 255.0  # [0, 1] as diffusers
     controlnet = ControlNetModel.from_unet(pipe.unet,
                                            conditioning_embedding_out_channels=conditioning_channels(
