@@ -13,6 +13,7 @@ deployed as a locomotion endpoint (observation history -> action), also exported
 """
 
 from kfp import dsl
+from kfp.dsl import Model
 
 from components.common import deploy, finish_run, gate, register
 from components.teacher_prior import (evaluate_locomotion, locomotion_env, select_prior_weights, sweep_prior_weights,
@@ -29,6 +30,7 @@ def teacher_prior(
     obs_noise: float = 1.0,
     history: int = 3,
     heights_ahead: int = 8,
+    teacher_uri: str = "",
     teacher_steps: int = 1_000_000,
     student_steps: int = 600_000,
     rollout_steps: int = 128,
@@ -60,7 +62,8 @@ def teacher_prior(
         obs_noise: The student's proprioceptive noise (multiple of the per-feature scale).
         history: Frames of noisy proprioception the student sees.
         heights_ahead: Terrain samples ahead of the torso the teacher sees.
-        teacher_steps: Environment steps of the teacher's PPO.
+        teacher_uri: A saved teacher policy folder (path or s3://; trained on this environment) to learn from instead of training one.
+        teacher_steps: Environment steps of the teacher's PPO (when no teacher_uri).
         student_steps: Environment steps of every student (the same budget for all).
         rollout_steps: Steps each environment runs per PPO iteration.
         num_envs: Environments stepped together.
@@ -82,27 +85,23 @@ def teacher_prior(
         seed: Random seed of every step.
     """
     t = tracking_args("teacher-prior")
-    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
-    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
-        env = locomotion_env(episode_steps=episode_steps, terrain_height=terrain_height, push_force=push_force,
-                             obs_noise=obs_noise, history=history, heights_ahead=heights_ahead, **t)
-        run = dict(rollout_steps=rollout_steps, num_envs=num_envs, lr=lr, hidden=hidden, seed=seed)
-        teacher = train_teacher(env=env.outputs["env"], env_steps=teacher_steps, **run, **t)
-        rollouts = teacher_rollouts(env=env.outputs["env"], teacher=teacher.outputs["teacher"],
-                                    episodes=rollout_episodes, seed=seed, **t)
+    run = dict(rollout_steps=rollout_steps, num_envs=num_envs, lr=lr, hidden=hidden, seed=seed)
+
+    def learn_from(env, teacher):
+        """Rollouts (validated) -> sweep -> five students -> evaluation -> the method student gated and released."""
+        rollouts = teacher_rollouts(env=env, teacher=teacher, episodes=rollout_episodes, seed=seed, **t)
         checked = validate_rollouts(rollouts=rollouts.outputs["rollouts"], min_length=min_episode_length, **t)
         with dsl.ParallelFor(items=sweep_workers, parallelism=4) as worker:
-            trials = sweep_prior_weights(env=env.outputs["env"], rollouts=rollouts.outputs["rollouts"], worker=worker,
+            trials = sweep_prior_weights(env=env, rollouts=rollouts.outputs["rollouts"], worker=worker,
                                          n_trials=trials_per_worker, trial_steps=trial_steps,
                                          eval_episodes=sweep_eval_episodes, **run, **t).after(checked)
         best = select_prior_weights(results=dsl.Collected(trials.outputs["Output"]), **t)
-        common = dict(env=env.outputs["env"], rollouts=rollouts.outputs["rollouts"], teacher=teacher.outputs["teacher"],
-                      env_steps=student_steps, w_style=best.outputs["w_style"], c_aux=best.outputs["c_aux"], **run)
+        common = dict(env=env, rollouts=rollouts.outputs["rollouts"], teacher=teacher, env_steps=student_steps,
+                      w_style=best.outputs["w_style"], c_aux=best.outputs["c_aux"], **run)
         students = {}
         for variant in ("method", "no-aux", "no-disc", "dagger", "scratch"):
             students[variant] = train_student(variant=variant, **common, **t).set_display_name(f"student-{variant}")
-        evaluation = evaluate_locomotion(env=env.outputs["env"], teacher=teacher.outputs["teacher"],
-                                         method=students["method"].outputs["student"],
+        evaluation = evaluate_locomotion(env=env, teacher=teacher, method=students["method"].outputs["student"],
                                          no_aux=students["no-aux"].outputs["student"],
                                          no_disc=students["no-disc"].outputs["student"],
                                          dagger=students["dagger"].outputs["student"],
@@ -115,4 +114,16 @@ def teacher_prior(
                                model_name=model_name, **t).set_caching_options(False)
             deploy(model_name=model_name, version=version.output, kind="locomotion", gpu=gpu,
                    **t).set_caching_options(False)
+
+    # The exit handler ends the MLflow parent run with the pipeline's state, whatever happened inside.
+    with dsl.ExitHandler(finish_run(**t).set_caching_options(False), name="tracked"):
+        env = locomotion_env(episode_steps=episode_steps, terrain_height=terrain_height, push_force=push_force,
+                             obs_noise=obs_noise, history=history, heights_ahead=heights_ahead, **t)
+        # The same downstream DAG in both branches: the local runner cannot merge branch outputs (dsl.OneOf).
+        with dsl.If(teacher_uri == "", name="train-teacher"):
+            teacher = train_teacher(env=env.outputs["env"], env_steps=teacher_steps, **run, **t)
+            learn_from(env.outputs["env"], teacher.outputs["teacher"])
+        with dsl.Else(name="import-teacher"):
+            imported = dsl.importer(artifact_uri=teacher_uri, artifact_class=Model, reimport=False)
+            learn_from(env.outputs["env"], imported.output)
     configure_pipeline_tasks()  # ConfigMap/Secret env, image, resources, retries (platform/pods.py)

@@ -67,7 +67,11 @@ def teacher_rollouts(*, env_dir: str, teacher_dir: str, out_dir: str, episodes: 
     from distillery.platform import tracking
 
     cfg = _env(env_dir)
-    arrays = R.collect(load_policy(Path(teacher_dir), role="teacher"), cfg, episodes, seed=seed)
+    teacher = load_policy(Path(teacher_dir), role="teacher")
+    if teacher.cfg.teacher_dim != cfg.teacher_dim:  # an imported teacher of another environment
+        raise ValueError(f"the teacher takes {teacher.cfg.teacher_dim} privileged observations, this environment gives "
+                         f"{cfg.teacher_dim} (heights_ahead differs); train one here or import a matching one")
+    arrays = R.collect(teacher, cfg, episodes, seed=seed)
     manifest = R.save(arrays, Path(out_dir), cfg, seed=seed, teacher=dir_hash(Path(teacher_dir)))
     tracking.log_dict(manifest, "manifest.json")
     return {"transitions": float(manifest["transitions"]), "episodes": float(manifest["episodes"]),
