@@ -303,3 +303,29 @@ def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     np.testing.assert_allclose(parallel, reference, atol=1e-5)  # StableDiffusionControlNetPipeline
     plain, _ = _runtime(pipe, source).generate(_gen(steps=3), output_type="np")
     assert np.abs(parallel - plain).mean() > 0.01  # the ControlNet steers the image
+
+
+def test_ssim_is_one_for_equal_images_and_falls_with_noise():
+    from distillery.papers.swift_diffusion.evaluate import ssim
+
+    rng = np.random.default_rng(0)
+    x = _squares()[:2].astype(float) / 255
+    noisy = [np.clip(x + rng.normal(0, s, x.shape), 0, 1) for s in (0.02, 0.1, 0.3)]
+    scores = [ssim(x, n).mean() for n in noisy]
+    np.testing.assert_allclose(ssim(x, x), 1.0)
+    assert 1 > scores[0] > scores[1] > scores[2]
+    assert ssim(x, 1 - x).mean() < 0.5  # inverted structure
+
+
+def test_lands_at_patches_the_lora_at_exactly_step_k(pipe, source):
+    from distillery.papers.swift_diffusion.evaluate import LandsAt
+
+    rt = _runtime(pipe, source)
+    real = rt.cache
+    for k in (0, 1, 3):
+        rt.wait_fraction, rt.cache = k / 5, LandsAt(real, pipe.unet, k)
+        try:
+            _, report = rt.generate(_gen(steps=5, loras=[("ink", 1.0)]), output_type="np")
+        finally:
+            rt.cache.close()
+        assert report["loras"][0]["applied_from_step"] == k

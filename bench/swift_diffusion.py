@@ -1,0 +1,206 @@
+"""SwiftDiffusion targets, measured in one run in one process with the predictor's own runtime (the swift-diffusion
+kind and its swift-diffusion-baseline twin built on the same model folder and add-on store):
+
+1. one ControlNet (resident) + one cold LoRA: latency of ours vs plain diffusers (load_lora_weights + fuse_lora per
+   request, ControlNet before the UNet, unfuse + unload), with the store as it is and with a slower store
+   (`--fetch-delay-ms` added to every add-on fetch);
+2. add-on overhead vs a no-add-on request: a cold LoRA whose fetch fits within K steps, a resident LoRA, the
+   ControlNet run concurrently with the UNet and sequentially;
+3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
+   with the no-LoRA image as the floor.
+
+    python bench/swift_diffusion.py [--base PIPELINE_DIR] [--addons STORE] [--steps 20] [--trials 5]
+
+Without --base an untrained tiny SD (32 px) is the base and the add-ons are random (a rank-4 LoRA on every
+attention, feed-forward and ResNet convolution layer; a ControlNet from the UNet with non-zero output
+convolutions): latencies are what they are, SSIM then only checks the mechanism. --addons: a store with
+lora/NAME/ and controlnet/NAME/ folders (the first of each is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import RESULTS, report
+
+
+def _untrained_store(pipe, store: Path) -> None:
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from distillery.papers.swift_diffusion.addons import LORA_FILE
+    from distillery.papers.swift_diffusion.train import LORA_TARGETS, conditioning_channels
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, m in pipe.unet.named_modules():
+        if name.endswith(LORA_TARGETS) and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            w = m.weight
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn((4, *w.shape[1:]), generator=gen) * 0.2
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn((w.shape[0], 4, *([1, 1] if w.ndim == 4 else [])),
+                                                           generator=gen) * 0.2
+    (store / "lora" / "style").mkdir(parents=True)
+    save_file(sd, str(store / "lora" / "style" / LORA_FILE), metadata={"format": "pt"})
+    cn = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=conditioning_channels(
+        pipe.vae_scale_factor))
+    with torch.no_grad():
+        for p in [*cn.controlnet_down_blocks.parameters(), *cn.controlnet_mid_block.parameters()]:
+            p.normal_(0, 0.05, generator=gen)
+    cn.save_pretrained(store / "controlnet" / "edges", safe_serialization=True)
+
+
+def _model_folder(opts, work: Path) -> Path:
+    from distillery.models import tiny_sd
+
+    model = work / "model"
+    if opts.base:
+        shutil.copytree(opts.base, model)
+    else:
+        tiny_sd.build_pipeline(tiny_sd.TinySDConfig(), seed=0).save_pretrained(model)
+    store = Path(opts.addons) if opts.addons else model / "addons"
+    if not opts.addons:
+        from diffusers import StableDiffusionPipeline
+
+        _untrained_store(StableDiffusionPipeline.from_pretrained(model), store)
+    cfg = model / "distillery.json"
+    given = json.loads(cfg.read_text()) if cfg.exists() else {}
+    cfg.write_text(json.dumps({**given, "kind": "swift-diffusion", "max_steps": max(opts.steps, 100),
+                               "addons_uri": str(store.resolve()), "wait_fraction": opts.wait_fraction}))
+    return model
+
+
+def _predictor(kind, model: Path, delay_s: float):
+    from distillery.papers.swift_diffusion.runtime import AddonCache
+
+    m = kind("bench", model)
+    m.check()
+    m.load_model()
+    m.pipe.set_progress_bar_config(disable=True)
+
+    def slow_load(k, name):  # a store farther away: the same files, later
+        time.sleep(delay_s)
+        return m._load_addon(k, name)
+
+    m.fresh_cache = lambda: AddonCache(slow_load, m.addon_limits["addon_cache_bytes"])
+    return m
+
+
+def _control_image(m) -> torch.Tensor:
+    """The edge map of a white disc: a ControlNet condition of the model's size."""
+    from distillery.papers.swift_diffusion.addons import edge_map
+
+    s = m.size
+    yy, xx = np.mgrid[:s, :s]
+    disc = ((yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (s / 3) ** 2).astype(np.uint8) * 255
+    edges = edge_map(np.repeat(disc[None, :, :, None], 3, axis=-1))
+    return torch.from_numpy(edges).permute(0, 3, 1, 2).float() / 255
+
+
+def _timed(m, g, trials: int, cold_lora: bool) -> tuple[float, list[dict]]:
+    """Median seconds of `trials` generations; before each, a fresh cache holding only the ControlNet (and the LoRA
+    unless it is to be cold)."""
+    times, reports = [], []
+    for _ in range(trials + 1):  # the first is a warm-up
+        m.runtime.cache = m.fresh_cache()
+        if g.controlnet:
+            m.runtime.cache.get("controlnet", g.controlnet)
+        if not cold_lora:
+            for name, _ in g.loras:
+                m.runtime.cache.get("lora", name)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            _, rep = m.runtime.generate(g)
+        times.append(time.perf_counter() - t)
+        reports.append(rep)
+    return statistics.median(times[1:]), reports[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, help="A diffusers StableDiffusionPipeline folder (default: untrained tiny SD).")
+    ap.add_argument("--addons", type=Path, help="An add-on store (lora/NAME/, controlnet/NAME/).")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--wait-fraction", type=float, default=0.4, help="K/N: where a request waits for its LoRA.")
+    ap.add_argument("--fetch-delay-ms", type=float, default=300.0, help="Extra latency of the slower store.")
+    ap.add_argument("--quality-seeds", type=int, default=8)
+    opts = ap.parse_args()
+
+    from distillery.papers.swift_diffusion.evaluate import LandsAt, ssim
+    from distillery.papers.swift_diffusion.runtime import Generation, SwiftRuntime
+    from distillery.serving.swift_diffusion import BaselineDiffusionModel, SwiftDiffusionModel
+
+    work = RESULTS / "homes" / f"swift-diffusion-{int(time.time())}"
+    model = _model_folder(opts, work)
+    store = Path(json.loads((model / "distillery.json").read_text())["addons_uri"])
+    lora = sorted(p.name for p in (store / "lora").iterdir())[0]
+    controlnet = sorted(p.name for p in (store / "controlnet").iterdir())[0]
+    rows, extra = [], {"steps": opts.steps, "wait_fraction": opts.wait_fraction, "base": str(opts.base or "untrained")}
+
+    def gen(loras=(), cn=False, seeds=(0,), **kw):
+        return Generation(prompts=["a handwritten digit seven"] * len(seeds), seeds=list(seeds), steps=opts.steps,
+                          guidance=opts.guidance, loras=[(n, 1.0) for n in loras],
+                          controlnet=controlnet if cn else None,
+                          control_image=_control_image(ours).repeat(len(seeds), 1, 1, 1) if cn else None, **kw)
+
+    # 1. one ControlNet + one cold LoRA, ours vs diffusers, at two store latencies
+    for delay_ms in (0.0, opts.fetch_delay_ms):
+        ours = _predictor(SwiftDiffusionModel, model, delay_ms / 1000)
+        base = _predictor(BaselineDiffusionModel, model, delay_ms / 1000)
+        t_ours, reps = _timed(ours, gen([lora], cn=True), opts.trials, cold_lora=True)
+        t_base, _ = _timed(base, gen([lora], cn=True), opts.trials, cold_lora=True)
+        rows.append((f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"))
+        extra[f"applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"] for r in reps]
+
+    # 2. overhead vs no add-on (ours; the fetch delay chosen to fit within K steps)
+    plain, _ = _timed(ours, gen(), opts.trials, cold_lora=False)
+    wait_step = ours.runtime.wait_step(opts.steps)
+    step_s = plain / opts.steps
+    ours = _predictor(SwiftDiffusionModel, model, 0.5 * wait_step * step_s)
+    cold, reps = _timed(ours, gen([lora]), opts.trials, cold_lora=True)
+    hot, _ = _timed(ours, gen([lora]), opts.trials, cold_lora=False)
+    parallel, _ = _timed(ours, gen(cn=True), opts.trials, cold_lora=False)
+    ours.runtime = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction,
+                                parallel_controlnet=False)
+    sequential, _ = _timed(ours, gen(cn=True), opts.trials, cold_lora=False)
+    rows += [(f"cold LoRA (fetch {0.5 * wait_step * step_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold,
+              plain, "s"),
+             ("resident LoRA vs no add-on", hot, plain, "s"),
+             ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
+             ("ControlNet sequential vs no add-on", sequential, plain, "s"),
+             ("ControlNet concurrent vs sequential", parallel, sequential, "s")]
+    extra["cold_lora_applied_from_step"] = [r["loras"][0]["applied_from_step"] for r in reps]
+
+    # 3. quality: the LoRA lands at exactly K; SSIM against the from-step-0 images
+    seeds = list(range(opts.quality_seeds))
+    real_cache = ours.runtime.cache
+    images = {}
+    for frac in (0.0, 0.1, 0.2, 0.4):
+        k = round(frac * opts.steps)
+        ours.runtime.wait_fraction, ours.runtime.cache = k / opts.steps, LandsAt(real_cache, ours.pipe.unet, k)
+        try:
+            images[frac], rep = ours.runtime.generate(gen([lora], seeds=seeds), output_type="np")
+        finally:
+            ours.runtime.cache.close()
+        assert rep["loras"][0]["applied_from_step"] == k
+    ours.runtime.cache = real_cache
+    floor, _ = ours.runtime.generate(gen(seeds=seeds), output_type="np")
+    floor_ssim = float(ssim(images[0.0], floor).mean())
+    for frac in (0.1, 0.2, 0.4):
+        rows.append((f"SSIM vs from-step-0, LoRA from K/N={frac} (baseline col: no LoRA)",
+                     float(ssim(images[0.0], images[frac]).mean()), floor_ssim, ""))
+    extra["unet_threads"], extra["controlnet_threads"] = ours.unet_threads, ours.addon_limits["controlnet_threads"]
+    report("swift-diffusion", rows, extra)
+
+
+if __name__ == "__main__":
+    main()
