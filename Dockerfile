@@ -12,6 +12,7 @@ FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 # The project needs Python 3.11; CUDA (Ubuntu) bases lack it, so it comes from the deadsnakes PPA there.
 # Ubuntu bases already own uid 1000 (user "ubuntu"): it is replaced by "app" so HOME matches DISTILLERY_HOME.
+# libopengl0: with MUJOCO_GL=egl, `import mujoco` loads PyOpenGL's EGL platform, which needs libOpenGL.so.0.
 RUN set -eux; \
     apt-get update; \
     if ! command -v python3.11 >/dev/null; then \
@@ -23,7 +24,7 @@ RUN set -eux; \
         apt-get install -y --no-install-recommends python3.11 python3.11-venv; \
       fi; \
     fi; \
-    apt-get install -y --no-install-recommends ca-certificates libgomp1 libegl1 libegl-mesa0 libgl1-mesa-dri; \
+    apt-get install -y --no-install-recommends ca-certificates libgomp1 libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0; \
     rm -rf /var/lib/apt/lists/*; \
     if getent passwd 1000 >/dev/null; then userdel -r "$(getent passwd 1000 | cut -d: -f1)"; fi; \
     useradd --create-home --uid 1000 app
