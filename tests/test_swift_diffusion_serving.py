@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -106,6 +107,12 @@ def _wrong_size() -> str:
     return _png(np.zeros((32, 32, 3), np.uint8))
 
 
+def _huge_canvas() -> str:
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")  # 10 kB that would decode to 81 M RGB pixels
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 @pytest.mark.parametrize("fields,words", [
     ({"loras": [{"name": "sepia"}]}, "unknown lora 'sepia'; available: ['alien', 'bold', 'gone', 'ink']"),
     ({"loras": [{"name": "ink", "scale": 5}]}, "between 0.0 and 2.0"),
@@ -120,6 +127,7 @@ def _wrong_size() -> str:
     ({"controlnet": {"name": "edges", "image": "not base64!"}}, "base64"),
     ({"controlnet": {"name": "edges", "image": base64.b64encode(b"GIF89a...").decode()}}, "not a readable image"),
     ({"controlnet": {"name": "edges", "image": _wrong_size()}}, "must be 16x16 pixels, got 32x32"),
+    ({"controlnet": {"name": "edges", "image": _huge_canvas()}}, "must be 16x16 pixels, got 9000x9000"),
     ({"controlnet": {"name": "edges", "image": EDGES, "scale": -1}}, "between 0.0 and 2.0"),
     ({"styles": ["ink"]}, "unknown field"),
 ])
@@ -153,6 +161,16 @@ def test_a_failing_addon_store_is_a_503_for_that_request_only(served):
     assert r.status_code == 503 and "could not be fetched" in r.text, r.text
     assert requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
     assert _v1(url, steps=1, loras=[{"name": "ink"}]).status_code == 200
+
+
+def test_an_addon_added_to_the_store_is_found_by_name(served):
+    from distillery.serving.swift_diffusion import INDEX_REFRESH_S
+
+    url, store, _ = served
+    shutil.copytree(store / "lora" / "ink", store / "lora" / "fresh")
+    time.sleep(INDEX_REFRESH_S)  # the store is listed again at most this often
+    r = _v1(url, steps=1, loras=[{"name": "fresh"}])
+    assert r.status_code == 200, r.text
 
 
 def test_metrics_count_cache_hits_and_patch_steps(served):

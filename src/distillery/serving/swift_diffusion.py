@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ ADDON_DEFAULTS = {"addons_uri": "addons", "addon_cache_bytes": 512 << 20, "wait_
                   "max_addon_scale": 2.0, "parallel_controlnet": True, "controlnet_threads": 1}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PNG = b"\x89PNG\r\n\x1a\n"
+INDEX_REFRESH_S = 2.0  # an unknown name re-lists the store at most this often (a listing per bad request is a DoS)
 
 CACHE = Counter("swift_addon_cache", "Add-on cache lookups by kind and result", ["kind", "result"])
 APPLIED = Histogram("swift_lora_applied_from_step", "First denoising step a LoRA ran in",
@@ -66,6 +68,7 @@ class SwiftDiffusionModel(TextToImageModel):
         self.addon_limits = dict(ADDON_DEFAULTS)
         self.runtime = None
         self._index: set[tuple[str, str]] = set()
+        self._indexed_at = float("-inf")
         self._index_lock = threading.Lock()
 
     def check(self) -> None:
@@ -115,13 +118,14 @@ class SwiftDiffusionModel(TextToImageModel):
             if len(parts) >= 3 and parts[0] in ("lora", "controlnet") and NAME.match(parts[1]):
                 found.add((parts[0], parts[1]))
         with self._index_lock:
-            self._index = found
+            self._index, self._indexed_at = found, time.monotonic()
 
     def _known(self, kind: str, name: Any) -> str:
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidInput(f"{kind} name must be a string of letters, digits, '.', '_' or '-', got {name!r}")
         if (kind, name) not in self._index:
-            self._refresh_index()  # added to the store since the last look
+            if time.monotonic() - self._indexed_at > INDEX_REFRESH_S:  # added to the store since the last look?
+                self._refresh_index()
             if (kind, name) not in self._index:
                 known = sorted(n for k, n in self._index if k == kind)
                 raise InvalidInput(f"unknown {kind} {name!r}; available: {known}")
@@ -165,13 +169,16 @@ class SwiftDiffusionModel(TextToImageModel):
         if not isinstance(value, bytes):
             raise InvalidInput(f"controlnet 'image' must be a base64-encoded PNG, got {type(value).__name__}")
         try:
-            img = Image.open(io.BytesIO(value))
-            img.load()
+            img = Image.open(io.BytesIO(value))  # reads the header only
         except Exception as e:  # noqa: BLE001 - PIL's many ways to refuse a file
             raise InvalidInput(f"controlnet 'image' is not a readable image: {e}") from None
-        if img.size != (self.size, self.size):
+        if img.size != (self.size, self.size):  # before decoding: a small PNG can declare a huge canvas
             raise InvalidInput(f"controlnet 'image' must be {self.size}x{self.size} pixels, got {img.size[0]}x"
                                f"{img.size[1]}")
+        try:
+            img.load()
+        except Exception as e:  # noqa: BLE001
+            raise InvalidInput(f"controlnet 'image' is not a readable image: {e}") from None
         arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [0, 1], as diffusers feeds a ControlNet
         return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
