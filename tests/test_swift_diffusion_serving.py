@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from test_serving import start_server, stop_server
+from test_storage import s3  # noqa: F401 - the moto S3 fixture
 from test_swift_diffusion import CFG, _random_lora, _squares
 
 from distillery.models import tiny_sd
@@ -204,3 +205,29 @@ def test_the_baseline_kind_makes_the_same_image_as_swift_with_k_zero(served):
         torch.set_num_threads(threads)
     assert reports[0]["controlnet"]["parallel"] and not reports[1]["controlnet"]["parallel"]
     assert np.abs(images[0] - images[1]).max() <= 1  # fuse_lora and ControlNet pipeline vs in-place patch and hooks
+
+
+def test_addons_come_from_the_object_store(served, s3, tmp_path):
+    from distillery.platform import storage
+    from distillery.serving.swift_diffusion import SwiftDiffusionModel
+
+    _, store, _ = served
+    storage.upload(store, "s3://bkt/addons")
+    model_dir = tmp_path / "model"
+    shutil.copytree(store.parent, model_dir, ignore=shutil.ignore_patterns("addons"))
+    (model_dir / "distillery.json").write_text(json.dumps({"kind": "swift-diffusion", "default_steps": 2,
+                                                           "addons_uri": "s3://bkt/addons"}))
+    threads = torch.get_num_threads()
+    try:
+        model = SwiftDiffusionModel("swift", model_dir)
+        model.check()
+        model.load_model()
+        req = model._request(["a dark square"], {"loras": [{"name": "bold"}],
+                                                 "controlnet": {"name": "edges", "image": EDGES}})
+        ((png, report),) = model.run_batch(*model._batch(req))
+    finally:
+        torch.set_num_threads(threads)
+    assert png.startswith(b"\x89PNG") and report["loras"][0]["cache"] == "miss"
+    assert report["controlnet"]["cache"] == "miss"
+    with pytest.raises(Exception, match="unknown lora 'sepia'"):
+        model._request(["x"], {"loras": [{"name": "sepia"}]})
