@@ -104,23 +104,26 @@ def _control_image(m) -> torch.Tensor:
     return torch.from_numpy(edges).permute(0, 3, 1, 2).float() / 255
 
 
-def _timed(m, g, trials: int, cold_lora: bool) -> tuple[float, list[dict]]:
-    """Median seconds of `trials` generations; before each, a fresh cache holding only the ControlNet (and the LoRA
-    unless it is to be cold)."""
-    times, reports = [], []
-    for _ in range(trials + 1):  # the first is a warm-up
-        m.runtime.cache = m.fresh_cache()
-        if g.controlnet:
-            m.runtime.cache.get("controlnet", g.controlnet)
-        if not cold_lora:
-            for name, _ in g.loras:
-                m.runtime.cache.get("lora", name)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            _, rep = m.runtime.generate(g)
-        times.append(time.perf_counter() - t)
-        reports.append(rep)
-    return statistics.median(times[1:]), reports[1:]
+def _measure(configs: list[tuple], trials: int) -> list[tuple[float, list[dict]]]:
+    """Median seconds and the reports of each (runtime, fresh_cache, generation, cold_lora) config, the configs
+    interleaved trial by trial so that a change in the machine's load falls on all of them alike. Before each run a
+    fresh cache holds the ControlNet, and the LoRA unless it is to be cold; the first round is a warm-up."""
+    times, reports = [[] for _ in configs], [[] for _ in configs]
+    for trial in range(trials + 1):
+        for i, (rt, fresh_cache, g, cold_lora) in enumerate(configs):
+            rt.cache = fresh_cache()
+            if g.controlnet:
+                rt.cache.get("controlnet", g.controlnet)
+            if not cold_lora:
+                for name, _ in g.loras:
+                    rt.cache.get("lora", name)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                _, rep = rt.generate(g)
+            if trial:
+                times[i].append(time.perf_counter() - t)
+                reports[i].append(rep)
+    return [(statistics.median(t), r) for t, r in zip(times, reports)]
 
 
 def main() -> None:
@@ -156,24 +159,24 @@ def main() -> None:
     for delay_ms in (0.0, opts.fetch_delay_ms):
         ours = _predictor(SwiftDiffusionModel, model, delay_ms / 1000)
         base = _predictor(BaselineDiffusionModel, model, delay_ms / 1000)
-        t_ours, reps = _timed(ours, gen([lora], cn=True), opts.trials, cold_lora=True)
-        t_base, _ = _timed(base, gen([lora], cn=True), opts.trials, cold_lora=True)
+        g = gen([lora], cn=True)
+        (t_ours, reps), (t_base, _) = _measure([(ours.runtime, ours.fresh_cache, g, True),
+                                                (base.runtime, base.fresh_cache, g, True)], opts.trials)
         rows.append((f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"))
         extra[f"applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
-    # 2. overhead vs no add-on (ours; the fetch delay chosen to fit within K steps)
-    plain, _ = _timed(ours, gen(), opts.trials, cold_lora=False)
+    # 2. overhead vs no add-on (ours; the cold LoRA's fetch delay chosen to fit within K steps)
+    ((plain, _),) = _measure([(ours.runtime, ours.fresh_cache, gen(), False)], opts.trials)
     wait_step = ours.runtime.wait_step(opts.steps)
-    step_s = plain / opts.steps
-    ours = _predictor(SwiftDiffusionModel, model, 0.5 * wait_step * step_s)
-    cold, reps = _timed(ours, gen([lora]), opts.trials, cold_lora=True)
-    hot, _ = _timed(ours, gen([lora]), opts.trials, cold_lora=False)
-    parallel, _ = _timed(ours, gen(cn=True), opts.trials, cold_lora=False)
-    ours.runtime = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction,
-                                parallel_controlnet=False)
-    sequential, _ = _timed(ours, gen(cn=True), opts.trials, cold_lora=False)
-    rows += [(f"cold LoRA (fetch {0.5 * wait_step * step_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold,
-              plain, "s"),
+    delay_s = 0.5 * wait_step * plain / opts.steps
+    ours = _predictor(SwiftDiffusionModel, model, delay_s)
+    sequential_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction,
+                                 parallel_controlnet=False)
+    rt, fresh = ours.runtime, ours.fresh_cache
+    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _) = _measure(
+        [(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
+         (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False)], opts.trials)
+    rows += [(f"cold LoRA (fetch {delay_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold, plain, "s"),
              ("resident LoRA vs no add-on", hot, plain, "s"),
              ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
              ("ControlNet sequential vs no add-on", sequential, plain, "s"),
