@@ -329,3 +329,14 @@ def test_lands_at_patches_the_lora_at_exactly_step_k(pipe, source):
         finally:
             rt.cache.close()
         assert report["loras"][0]["applied_from_step"] == k
+
+
+def test_a_store_that_hangs_fails_the_request_at_the_wait_step_and_restores_the_weights(pipe, source):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    rt = _runtime(pipe, source, wait_fraction=0.5, fetch_timeout_s=0.2)
+    rt.cache.get("lora", "ink")  # resident: patched before step 0
+    source.release = threading.Event()  # the next fetch hangs until the test ends
+    with pytest.raises(TimeoutError, match="LoRA 'bold' was not fetched within 0.2 s"):
+        rt.generate(_gen(steps=4, loras=[("ink", 1.0), ("bold", 1.0)]), output_type="np")
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+    source.release.set()

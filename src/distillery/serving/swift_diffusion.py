@@ -268,7 +268,10 @@ class SwiftDiffusionModel(TextToImageModel):
                        controlnet_scale=controlnet_scale)
         torch.set_num_threads(self.unet_threads)  # this worker thread's own budget
         with self._lock, torch.inference_mode():
-            images, report = self.runtime.generate(g)
+            try:
+                images, report = self.runtime.generate(g)
+            except TimeoutError as e:  # the store hangs: this request fails, the model is fine
+                raise AddonUnavailable(str(e)) from None
         for entry in report["loras"]:
             CACHE.labels("lora", entry["cache"]).inc()
             APPLIED.observe(entry["applied_from_step"])

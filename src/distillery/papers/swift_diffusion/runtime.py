@@ -155,8 +155,10 @@ class LatePatch:
     """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its fetch lands, and waited
     for at step `wait_step` at the latest. `applied_from[name]` is the first step that ran with it."""
 
-    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, float, Future]], wait_step: int, steps: int):
+    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, float, Future]], wait_step: int, steps: int,
+                 timeout_s: float | None = None):
         self.patcher, self.pending, self.wait_step, self.steps = patcher, pending, wait_step, steps
+        self.timeout_s = timeout_s
         self.applied_from: dict[str, int] = {}
 
     def patch_ready(self, step: int) -> None:
@@ -165,7 +167,7 @@ class LatePatch:
             return  # nothing left to run with it
         for name, scale, future in self.pending:
             if name not in self.applied_from and (future.done() or step >= self.wait_step):
-                self.patcher.apply(future.result(), scale)
+                self.patcher.apply(_result(future, self.timeout_s, f"LoRA {name!r}"), scale)
                 self.applied_from[name] = step
 
     def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
@@ -228,6 +230,14 @@ class ControlNetHooks:
         return output + mid
 
 
+def _result(future: Future, timeout_s: float | None, what: str):
+    """A fetch's result, waiting at most `timeout_s`: a store that hangs must not hold the model forever."""
+    try:
+        return future.result(timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"{what} was not fetched within {timeout_s} s") from None
+
+
 def controlnet_executor(threads: int = 1) -> ThreadPoolExecutor:
     """The ControlNet's own thread with its own intra-op thread budget."""
     return ThreadPoolExecutor(1, thread_name_prefix="controlnet", initializer=torch.set_num_threads,
@@ -254,10 +264,11 @@ class SwiftRuntime:
     `ControlNetModel`). Not thread-safe: one generation at a time (the caller holds a lock)."""
 
     def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
-                 controlnet_threads: int = 1, baseline: bool = False):
+                 controlnet_threads: int = 1, baseline: bool = False, fetch_timeout_s: float | None = 120.0):
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
+        self.fetch_timeout_s = fetch_timeout_s
         self.patcher = LoRAPatcher(pipe.unet)
         self.executor = controlnet_executor(controlnet_threads) if parallel_controlnet and not baseline else None
 
@@ -277,7 +288,7 @@ class SwiftRuntime:
             future, hit = self.cache.fetch("lora", name)
             pending.append((name, scale, future))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
-        late = LatePatch(self.patcher, pending, report["wait_step"], g.steps)
+        late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
         try:
             with self._controlnet(g, report) as hooks:
                 late.patch_ready(0)
@@ -295,7 +306,8 @@ class SwiftRuntime:
         if g.controlnet is None:
             yield None
             return
-        controlnet, hit = self.cache.get("controlnet", g.controlnet)  # needed from step 0: waited for
+        future, hit = self.cache.fetch("controlnet", g.controlnet)
+        controlnet = _result(future, self.fetch_timeout_s, f"ControlNet {g.controlnet!r}")  # needed from step 0
         report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss",
                                 "parallel": self.executor is not None}
         with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor) as hooks:
@@ -307,7 +319,8 @@ class SwiftRuntime:
         pipe, report, adapters = self.pipe, {"wait_step": 0, "loras": []}, []
         try:
             for i, (name, scale) in enumerate(g.loras):
-                lora, hit = self.cache.get("lora", name)
+                future, hit = self.cache.fetch("lora", name)
+                lora = _result(future, self.fetch_timeout_s, f"LoRA {name!r}")
                 pipe.load_lora_weights(dict(lora.state_dict), adapter_name=f"request{i}")
                 adapters.append(f"request{i}")
                 report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss",
@@ -318,7 +331,8 @@ class SwiftRuntime:
             if g.controlnet is None:
                 images = pipe(g.prompts, **common).images
             else:
-                controlnet, hit = self.cache.get("controlnet", g.controlnet)
+                future, hit = self.cache.fetch("controlnet", g.controlnet)
+                controlnet = _result(future, self.fetch_timeout_s, f"ControlNet {g.controlnet!r}")
                 report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss", "parallel": False}
                 parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
                 cn_pipe = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet,
