@@ -128,7 +128,8 @@ def _measure(configs: list[tuple], trials: int) -> list[tuple[float, list[dict]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=Path, help="A diffusers StableDiffusionPipeline folder (default: untrained tiny SD).")
+    ap.add_argument("--base", type=Path,
+                    help="A diffusers StableDiffusionPipeline folder (default: an untrained tiny SD).")
     ap.add_argument("--addons", type=Path, help="An add-on store (lora/NAME/, controlnet/NAME/).")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)

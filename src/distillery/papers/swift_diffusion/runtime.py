@@ -194,7 +194,8 @@ class ControlNetHooks:
         u = self.unet
         self._handles = [u.register_forward_pre_hook(self._start, with_kwargs=True),
                          u.conv_in.register_forward_hook(lambda m, a, out: self._skips.append(out)),
-                         *[b.register_forward_hook(lambda m, a, out: self._skips.extend(out[1])) for b in u.down_blocks],
+                         *[b.register_forward_hook(lambda m, a, out: self._skips.extend(out[1]))
+                           for b in u.down_blocks],
                          u.mid_block.register_forward_hook(self._join)]
         return self
 

@@ -163,7 +163,8 @@ class _LoRAObjective(torch.nn.Module):
 
 def train_lora(dataset, base_dir: Path, out_dir: Path, cfg: LoRATrainConfig, *, checkpoint_dir: Path | None = None,
                on_log: LogFn | None = None) -> dict:
-    """A UNet-only LoRA that turns the base's images into `cfg.style`; writes `out_dir/pytorch_lora_weights.safetensors`."""
+    """A UNet-only LoRA that turns the base's images into `cfg.style`; writes
+    `out_dir/pytorch_lora_weights.safetensors`."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
