@@ -31,8 +31,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarray:
 
 
 class LandsAt:
-    """An add-on cache stand-in whose LoRAs land exactly at the start of step `step` (0: before the first step):
-    the late-patching quality measured without timing noise. ControlNets come from `cache`."""
+    """An add-on cache stand-in whose LoRAs land while step `step` - 1 runs (0: before the first step), for a
+    runtime whose wait step is `step` too: the LoRA then runs from exactly that step, the late-patching quality
+    measured without timing noise. ControlNets come from `cache`."""
 
     def __init__(self, cache, unet, step: int):
         self.cache, self.step, self._futures = cache, step, []

@@ -8,7 +8,8 @@ putting their loading and patching on a request's critical path. How it maps to 
   boundary after its load lands, and blocks only at step K = round(wait_fraction * N) (the paper's code waits at
   step 20 of 50: wait_fraction 0.4). K = 0 is the usual apply-then-generate. A LoRA already cached is applied
   before step 0.
-- In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place and keeps a copy
+- In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place (the products
+  computed on a background thread as soon as the LoRA lands, so a step boundary only adds) and keeps a copy
   of every tensor it touched; after the request the copies are written back, so the base weights are restored bit
   for bit (subtracting the delta again would not be: float addition does not invert exactly).
 - ControlNet-as-a-service. The UNet needs the ControlNet's residuals only in its up path: diffusers adds the down
@@ -137,12 +138,22 @@ class LoRAPatcher:
                                  f"the weight {tuple(weight.shape)}")
 
     @torch.no_grad()
-    def apply(self, lora: LoRA, scale: float) -> None:
-        for name in lora.layers:
+    def deltas(self, lora: LoRA, scale: float) -> dict[str, torch.Tensor]:
+        """scale * (alpha / r) * B A per layer in the weight's shape and dtype: the part of a patch that can be
+        computed off the critical path, leaving one addition per layer for the step boundary."""
+        return {name: (scale * lora.delta(name, self.modules[name].weight.shape)).to(self.modules[name].weight.dtype)
+                for name in lora.layers}
+
+    @torch.no_grad()
+    def add(self, deltas: dict[str, torch.Tensor]) -> None:
+        for name, delta in deltas.items():
             weight = self.modules[name].weight
             if name not in self._saved:
                 self._saved[name] = weight.detach().clone()
-            weight.add_((scale * lora.delta(name, weight.shape)).to(weight.dtype))
+            weight.add_(delta)
+
+    def apply(self, lora: LoRA, scale: float) -> None:
+        self.add(self.deltas(lora, scale))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -152,10 +163,11 @@ class LoRAPatcher:
 
 
 class LatePatch:
-    """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its fetch lands, and waited
-    for at step `wait_step` at the latest. `applied_from[name]` is the first step that ran with it."""
+    """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its deltas are ready
+    (`pending`: name and a future of `LoRAPatcher.deltas`), and waited for at step `wait_step` at the latest.
+    `applied_from[name]` is the first step that ran with it."""
 
-    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, float, Future]], wait_step: int, steps: int,
+    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, Future]], wait_step: int, steps: int,
                  timeout_s: float | None = None):
         self.patcher, self.pending, self.wait_step, self.steps = patcher, pending, wait_step, steps
         self.timeout_s = timeout_s
@@ -165,9 +177,9 @@ class LatePatch:
         """Before `step` runs: patch what has landed; at the wait step, wait for the rest."""
         if step >= self.steps:
             return  # nothing left to run with it
-        for name, scale, future in self.pending:
+        for name, future in self.pending:
             if name not in self.applied_from and (future.done() or step >= self.wait_step):
-                self.patcher.apply(_result(future, self.timeout_s, f"LoRA {name!r}"), scale)
+                self.patcher.add(_result(future, self.timeout_s, f"LoRA {name!r}"))
                 self.applied_from[name] = step
 
     def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
@@ -272,6 +284,9 @@ class SwiftRuntime:
         self.fetch_timeout_s = fetch_timeout_s
         self.patcher = LoRAPatcher(pipe.unet)
         self.executor = controlnet_executor(controlnet_threads) if parallel_controlnet and not baseline else None
+        # A fetched LoRA's B A products are computed here, beside the denoising, with one intra-op thread.
+        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lora-deltas", initializer=torch.set_num_threads,
+                                           initargs=(1,))
 
     def wait_step(self, steps: int) -> int:
         return min(round(self.wait_fraction * steps), steps - 1)
@@ -287,7 +302,12 @@ class SwiftRuntime:
         pending = []
         for name, scale in g.loras:  # loads start now, in the background
             future, hit = self.cache.fetch("lora", name)
-            pending.append((name, scale, future))
+            if hit:  # resident: patched before step 0, no thread hop
+                ready: Future = Future()
+                ready.set_result(self.patcher.deltas(future.result(), scale))
+            else:
+                ready = self._prepare.submit(self._deltas, future, scale, name)
+            pending.append((name, ready))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
         try:
@@ -301,6 +321,9 @@ class SwiftRuntime:
         for entry in report["loras"]:
             entry["applied_from_step"] = late.applied_from[entry["name"]]
         return images, report
+
+    def _deltas(self, fetched: Future, scale: float, name: str) -> dict[str, torch.Tensor]:
+        return self.patcher.deltas(_result(fetched, self.fetch_timeout_s, f"LoRA {name!r}"), scale)
 
     @contextmanager
     def _controlnet(self, g: Generation, report: dict):
