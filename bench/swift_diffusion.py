@@ -5,7 +5,8 @@ kind and its swift-diffusion-baseline twin built on the same model folder and ad
    request, ControlNet before the UNet, unfuse + unload), with the store as it is and with a slower store
    (`--fetch-delay-ms` added to every add-on fetch);
 2. add-on overhead vs a no-add-on request: a cold LoRA whose fetch fits within K steps, a resident LoRA, the
-   ControlNet run concurrently with the UNet and sequentially;
+   ControlNet run concurrently with the UNet and sequentially, and the machine's own parallel headroom (two
+   one-thread matmul loops at once vs one after the other: the cap of the concurrent ControlNet's gain);
 3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
    with the no-LoRA image as the floor.
 
@@ -126,6 +127,33 @@ def _measure(configs: list[tuple], trials: int) -> list[tuple[float, list[dict]]
     return [(statistics.median(t), r) for t, r in zip(times, reports)]
 
 
+def _headroom(rounds: int = 3) -> tuple[float, float]:
+    """Seconds for two one-thread matmul loops run one after the other and on two threads at once (median of
+    `rounds`): how much parallelism the machine has to give right now, the cap of any concurrent ControlNet."""
+    import threading
+
+    x = torch.randn(512, 512)
+
+    def work():
+        torch.set_num_threads(1)
+        for _ in range(100):
+            x @ x
+
+    seq, par = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        work()
+        work()
+        seq.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        other = threading.Thread(target=work)
+        other.start()
+        work()
+        other.join()
+        par.append(time.perf_counter() - t)
+    return statistics.median(par), statistics.median(seq)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path,
@@ -181,7 +209,8 @@ def main() -> None:
              ("resident LoRA vs no add-on", hot, plain, "s"),
              ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
              ("ControlNet sequential vs no add-on", sequential, plain, "s"),
-             ("ControlNet concurrent vs sequential", parallel, sequential, "s")]
+             ("ControlNet concurrent vs sequential", parallel, sequential, "s"),
+             ("machine headroom: two kernel threads vs one after the other", *_headroom(), "s")]
     extra["cold_lora_applied_from_step"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
     # 3. quality: the LoRA lands at exactly K; SSIM against the from-step-0 images
