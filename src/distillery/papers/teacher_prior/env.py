@@ -22,6 +22,7 @@ above the ground outside (0.8, 2.0) m or |pitch| >= 1 rad) or is cut at `episode
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -116,7 +117,10 @@ def _xml() -> Path:
                                  f'size="{half} 1 0.3 0.1"/>', 1)
     path = Path(tempfile.gettempdir()) / "distillery-walker2d-terrain.xml"
     if not path.exists() or path.read_text() != out:
-        path.write_text(out)
+        # Parallel workers share the temp folder: write aside, then rename (atomic), so none reads half a file.
+        part = path.with_suffix(f".{os.getpid()}.part")
+        part.write_text(out)
+        os.replace(part, path)
     return path
 
 
