@@ -14,7 +14,8 @@ def _import_model_libraries(model_dir: Path, kind: str) -> None:
     not safe to import from two threads at once."""
     import torch  # noqa: F401
 
-    if kind == "text-to-image" or (kind == "auto" and (model_dir / "model_index.json").exists()):
+    if kind in ("text-to-image", "swift-diffusion", "swift-diffusion-baseline") \
+            or (kind == "auto" and (model_dir / "model_index.json").exists()):
         from diffusers import StableDiffusionPipeline  # noqa: F401
 
 
