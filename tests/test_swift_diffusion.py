@@ -340,3 +340,28 @@ def test_a_store_that_hangs_fails_the_request_at_the_wait_step_and_restores_the_
         rt.generate(_gen(steps=4, loras=[("ink", 1.0), ("bold", 1.0)]), output_type="np")
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
     source.release.set()
+
+
+@pytest.mark.slow
+def test_a_trained_lora_shows_its_style_through_the_runtime(tmp_path):
+    """A base trained on bright and dark squares, and the `inverted` LoRA trained on it (about 20 s): through the
+    runtime the LoRA turns bright squares dark and dark ones bright."""
+    from diffusers import StableDiffusionPipeline
+
+    from distillery.papers.swift_diffusion import runtime
+
+    data = Squares(images=np.concatenate([_squares(), _squares()]), captions=Squares().captions * 2)
+    tiny_sd.train_vae(data, tmp_path / "vae", cfg=CFG, steps=80, batch_size=16)
+    tiny_sd.train_unet(data, tmp_path / "vae", tmp_path / "base", cfg=CFG, steps=150, batch_size=16, lr=2e-3)
+    train.train_lora(data, tmp_path / "base", tmp_path / "inverted",
+                     train.LoRATrainConfig(steps=80, batch_size=16, lr=5e-3, style="inverted"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    cache = runtime.AddonCache(lambda kind, name: addons.read_lora(tmp_path / name / addons.LORA_FILE, name), 1 << 30)
+    rt = runtime.SwiftRuntime(pipe, cache, wait_fraction=0.0)
+    g = runtime.Generation(["a dark square"] * 4 + ["a bright square"] * 4, list(range(8)), 10, 3.0)
+    base, _ = rt.generate(g, output_type="np")
+    g.loras = [("inverted", 1.0)]
+    styled, _ = rt.generate(g, output_type="np")
+    assert base[4:].mean() - base[:4].mean() > 0.15  # the base tells the prompts apart
+    assert styled[:4].mean() > base[:4].mean() + 0.15 and styled[4:].mean() < base[4:].mean() - 0.25
