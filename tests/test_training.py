@@ -33,6 +33,25 @@ def test_precision_and_accelerator_resolution():
             training.resolve_accelerator("gpu")
 
 
+def test_a_pods_cpu_limit_sizes_torchs_thread_pool(tmp_path, home, monkeypatch):
+    """A pod limited to 1.5 CPUs gets 2 intra-op threads, not one per node core; an explicit setting wins."""
+    from distillery.settings import get_settings
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert training.cpu_limit(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert training.cpu_limit(tmp_path) in (None, len(os.sched_getaffinity(0)))  # no quota: only affinity limits
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(training, "cpu_limit", lambda: 1)
+        assert training.set_cpu_threads() == 1
+        monkeypatch.setenv("DISTILLERY_CPU_THREADS", "2")
+        get_settings.cache_clear()
+        assert training.set_cpu_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_settings_are_refused_before_training(home, monkeypatch):
     from distillery.settings import get_settings
 

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     devices: int = Field(1, description="Training processes in one pod (GPUs, or CPU processes); more than 1 trains with DDP.")
     strategy: str = Field("auto", description="Lightning strategy; auto is ddp when devices > 1 (gloo on CPU, NCCL on GPUs).")
     precision: str = Field("auto", description="Lightning precision; auto is bf16-mixed on GPUs with bf16, else 32-true. fp16 is refused.")
-    cpu_threads: int | None = Field(None, description="torch CPU threads when training on CPU; default torch's choice.")
+    cpu_threads: int | None = Field(None, description="torch CPU threads of a step; default: the pod's CPU limit (cgroup quota), else torch's choice.")
     checkpoint_root: str | None = Field(None, description="Where training steps keep their resumable checkpoints (path or s3://bucket/prefix); default a folder under home.")
 
     # A restarted MLflow server (a new pod, a rollout) refuses connections for seconds: every tracking and registry

@@ -55,6 +55,36 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
+def cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs this process may use when something limits it below the machine: a pod's CPU limit (the cgroup v2
+    quota, rounded up) or the affinity mask, whichever is smaller; None when nothing does. torch sizes its thread
+    pool by the node's cores, so a pod limited to 2 CPUs on a 64-core node would run 32 threads on a 2-CPU quota
+    and spend most of each period throttled."""
+    import os
+
+    limits = []
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            limits.append(max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: not in a limited container
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < (os.cpu_count() or 1):
+        limits.append(len(os.sched_getaffinity(0)))
+    return min(limits) if limits else None
+
+
+def set_cpu_threads(settings=None) -> int:
+    """torch's intra-op threads for this process: the `cpu_threads` setting, else the CPU limit, else torch's
+    choice. Every step calls it (platform/stepping.py), not only training. Returns the count in use."""
+    from distillery.settings import get_settings
+
+    threads = (settings or get_settings()).cpu_threads or cpu_limit()
+    if threads and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def make_fabric(settings=None):
     """The launched Fabric of this process for the settings' accelerator, devices, strategy and precision
     (one per configuration, so the loops of a step share a process group).
@@ -75,8 +105,8 @@ def make_fabric(settings=None):
     strategy = s.strategy if s.strategy != "auto" else ("ddp" if s.devices > 1 else "auto")
     key = (accelerator, s.devices, strategy, precision)
     if key not in _fabrics:
-        if accelerator == "cpu" and s.cpu_threads:
-            torch.set_num_threads(s.cpu_threads)
+        if accelerator == "cpu":
+            set_cpu_threads(s)
         fabric = Fabric(accelerator=accelerator, devices=s.devices, strategy=strategy, precision=precision)
         fabric.launch()
         _fabrics[key] = fabric

@@ -22,10 +22,11 @@ def run_step(
 ) -> dict:
     import mlflow
 
-    from distillery.models.training import global_rank
+    from distillery.models.training import global_rank, set_cpu_threads
     from distillery.platform import tracking
     from distillery.settings import get_settings
 
+    set_cpu_threads()
     if global_rank() != 0:
         # A training step started as several DDP processes: the others train alongside rank 0 and do nothing else
         # (training steps return after training on them), so the step has one run, one set of metrics, and what
