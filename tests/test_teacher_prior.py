@@ -204,10 +204,8 @@ def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path,
 
 
 def test_pipeline_parameters_are_checked_before_any_step_runs():
-    from pipelines import registry
     from pipelines.params import ParameterError, resolve
-
-    func = registry()["teacher-prior"]
+    from pipelines.teacher_prior import teacher_prior as func  # this pipeline alone: each one builds its DAG on import
     assert resolve("teacher-prior", func, "smoke", {})["noise_levels"] == [0.0, 1.0]
     with pytest.raises(ParameterError, match="must include the training obs_noise"):
         resolve("teacher-prior", func, "cpu", {"noise_levels": [0.0, 2.0]})

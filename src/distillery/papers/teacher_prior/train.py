@@ -8,7 +8,8 @@ Students (`VARIANTS`), all built from the same seed so their actor-critics start
   no-disc  PPO on r_task, + c_aux auxiliary loss
   scratch  PPO on r_task from the student's observations only
   dagger   DAgger: the student acts (the teacher with probability beta_i = dagger_beta ** i at iteration i), the
-           teacher labels every visited state with its action, the student regresses on the aggregate (MSE)
+           teacher labels every visited state with its action, the student regresses on minibatches drawn from
+           the aggregate (MSE)
 Rewards are divided by a running std of the discounted return (CleanRL's NormalizeReward); a time-out bootstraps
 r + gamma V(s_final).
 """
@@ -43,7 +44,7 @@ class PriorConfig:
     disc_epochs: int = 2  # discriminator passes per PPO iteration
     disc_minibatches: int = 4
     dagger_beta: float = 0.5  # teacher-action probability decays as dagger_beta ** iteration
-    dagger_epochs: int = 4  # passes over the aggregated data per iteration
+    dagger_epochs: int = 4  # minibatches per iteration: this many passes' worth of the iteration's new states
     dagger_lr: float = 1e-3
     dagger_buffer: int = 200_000  # most recent labelled states kept
 
@@ -320,13 +321,15 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
         del xs[:-max(1, pc.dagger_buffer // num_envs)], ys[:-max(1, pc.dagger_buffer // num_envs)]
         X, Y = _tensor(np.concatenate(xs), dev), _tensor(np.concatenate(ys), dev)
         losses = []
-        for _ in range(pc.dagger_epochs):
-            for idx in torch.split(torch.randperm(len(X), generator=gen), 256):
-                loss = ((net.mean_action(X[idx]) - Y[idx]) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                fabric.backward(loss)
-                opt.step()
-                losses.append(loss.item())
+        # dagger_epochs passes' worth of minibatches of the new data, drawn from the whole aggregate: the cost of an
+        # iteration stays fixed as the aggregate grows.
+        for _ in range(pc.dagger_epochs * -(-rollout_steps * num_envs // 256)):
+            idx = torch.randint(len(X), (256,), generator=gen)
+            loss = ((net.mean_action(X[idx]) - Y[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            opt.step()
+            losses.append(loss.item())
         done_steps += rollout_steps * num_envs
         del recent[:-100]
         _curve_point(curve, done_steps, recent)
