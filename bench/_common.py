@@ -59,3 +59,44 @@ def pct(xs: list[float], q: float) -> float:
     """The q-quantile (nearest rank) of xs; NaN when there is nothing to rank."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def pipeline_evaluation(pipeline: str, description: str) -> tuple[dict, dict]:
+    """The command line of a pipeline's target benchmark: `--run [--profile P] [--set K=V ...]` runs the pipeline
+    in a fresh home first, `--home DIR` reads a finished run. Returns the metrics of the latest `evaluate` step run
+    and what to record beside them (profile, overrides, the pipeline's wall time)."""
+    import argparse
+    import subprocess
+    import sys
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="store_true", help=f"run the {pipeline} pipeline first")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--home", type=Path, help=f"DISTILLERY_HOME of a finished {pipeline} run")
+    opts = ap.parse_args()
+    extra: dict = {"profile": opts.profile, "sets": opts.sets}
+    home = opts.home
+    if opts.run:
+        home = fresh_home(f"{pipeline}-{opts.profile}")
+        cmd = [sys.executable, "-m", "distillery.cli", "run", pipeline, "--profile", opts.profile]
+        for s in opts.sets:
+            cmd += ["--set", s]
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=RESULTS.parents[1], env=os.environ, check=True)
+        extra["pipeline_s"] = time.perf_counter() - t
+    if home is None:
+        ap.error("give --run or --home")
+    from mlflow import MlflowClient
+
+    from distillery.platform import tracking
+    from distillery.settings import get_settings
+
+    os.environ["DISTILLERY_HOME"] = str(home)
+    get_settings.cache_clear()
+    tracking.configure()
+    c = MlflowClient()
+    exp = c.get_experiment_by_name(f"distillery/{pipeline}")
+    run = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
+                        order_by=["attributes.start_time DESC"])[0]
+    return run.data.metrics, extra

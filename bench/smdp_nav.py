@@ -14,50 +14,13 @@ baseline each target names, side by side:
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+from _common import pipeline_evaluation, report
 
-from _common import fresh_home, report
-
-REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("adaptive_smdp", "adaptive_naive", "fixed_0p1s", "fixed_0p3s", "fixed_0p8s")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="store_true", help="run the smdp-nav pipeline first")
-    ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--home", type=Path, help="DISTILLERY_HOME of a finished smdp-nav run")
-    opts = ap.parse_args()
-    extra: dict = {"profile": opts.profile, "sets": opts.sets}
-    home = opts.home
-    if opts.run:
-        home = fresh_home(f"smdp-nav-{opts.profile}")
-        cmd = [sys.executable, "-m", "distillery.cli", "run", "smdp-nav", "--profile", opts.profile]
-        for s in opts.sets:
-            cmd += ["--set", s]
-        t = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
-        extra["pipeline_s"] = time.perf_counter() - t
-    if home is None:
-        ap.error("give --run or --home")
-    from mlflow import MlflowClient
-
-    from distillery.platform import tracking
-    from distillery.settings import get_settings
-
-    os.environ["DISTILLERY_HOME"] = str(home)
-    get_settings.cache_clear()
-    tracking.configure()
-    c = MlflowClient()
-    exp = c.get_experiment_by_name("distillery/smdp-nav")
-    m = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
-                      order_by=["attributes.start_time DESC"])[0].data.metrics
+    m, extra = pipeline_evaluation("smdp-nav", __doc__)
     fixed = [p for p in POLICIES if p.startswith("fixed")]
     best = max(fixed, key=lambda p: m[f"{p}_success_rate"])
     low = min(fixed, key=lambda p: m[f"{p}_success_rate"])

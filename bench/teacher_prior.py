@@ -14,50 +14,13 @@ and auxiliary tasks), ours vs the baseline each target names, side by side:
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+from _common import pipeline_evaluation, report
 
-from _common import fresh_home, report
-
-REPO = Path(__file__).resolve().parents[1]
 STUDENTS = ("method", "no_aux", "no_disc", "dagger", "scratch")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="store_true", help="run the teacher-prior pipeline first")
-    ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--home", type=Path, help="DISTILLERY_HOME of a finished teacher-prior run")
-    opts = ap.parse_args()
-    extra: dict = {"profile": opts.profile, "sets": opts.sets}
-    home = opts.home
-    if opts.run:
-        home = fresh_home(f"teacher-prior-{opts.profile}")
-        cmd = [sys.executable, "-m", "distillery.cli", "run", "teacher-prior", "--profile", opts.profile]
-        for s in opts.sets:
-            cmd += ["--set", s]
-        t = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, env=os.environ, check=True)
-        extra["pipeline_s"] = time.perf_counter() - t
-    if home is None:
-        ap.error("give --run or --home")
-    from mlflow import MlflowClient
-
-    from distillery.platform import tracking
-    from distillery.settings import get_settings
-
-    os.environ["DISTILLERY_HOME"] = str(home)
-    get_settings.cache_clear()
-    tracking.configure()
-    c = MlflowClient()
-    exp = c.get_experiment_by_name("distillery/teacher-prior")
-    m = c.search_runs([exp.experiment_id], "tags.task = 'evaluate'", max_results=1,
-                      order_by=["attributes.start_time DESC"])[0].data.metrics
+    m, extra = pipeline_evaluation("teacher-prior", __doc__)
     noise = next(k.split("_")[1] for k in m if k.startswith("teacher_noise") and k.endswith("_return"))
     rows = [
         (f"return: method ({noise}) vs teacher (privileged)", m[f"method_{noise}_return"],
