@@ -132,9 +132,24 @@ _TEACHER_PRIOR = {
     "model_name": dict(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"),
 }
 
+_SWIFT = {
+    **_SD_TRAINING,
+    "addons": dict(min_length=2, max_length=16),
+    "lora_steps": dict(ge=1),
+    "lora_rank": dict(ge=1, le=256),
+    "lora_lr": dict(gt=0.0, lt=1.0),
+    "controlnet_steps": dict(ge=1),
+    "controlnet_lr": dict(gt=0.0, lt=1.0),
+    "addon_batch_size": dict(ge=1, le=4096),
+    "serving_steps": dict(ge=2, le=1000),
+    "wait_fraction": dict(ge=0.0, lt=1.0),
+    "serving_trials": dict(ge=1, le=100),
+    "quality_seeds": dict(ge=1, le=1000),
+}
+
 CONSTRAINTS: dict[str, dict[str, Any]] = {"tiny-sd": _SD_TRAINING, "scott": _SCOTT, "mode": _MODE,
                                           "smdp-nav": _SMDP_NAV, "hybrid-sd": _HYBRID,
-                                          "teacher-prior": _TEACHER_PRIOR}
+                                          "teacher-prior": _TEACHER_PRIOR, "swift-diffusion": _SWIFT}
 
 # Profiles: smoke runs the whole DAG on 2 CPU cores in minutes (tests); cpu gives meaningful numbers in
 # about an hour on 2 cores (benchmarks, README figures); paper is the scale for a GPU cluster.
@@ -199,6 +214,31 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1.15],
                                        "cloud_flops_ratio_large_small": ["max", 0.4]}),
     },
+    # cpu: the targets where 2 cores allow them. A ControlNet + cold LoRA at <= 0.5x the baseline needs a
+    # spare core for the concurrent ControlNet; measured 0.74-0.88x on a busy 2-core machine (README), so 0.9 here.
+    "swift-diffusion": {
+        "smoke": dict(per_class=12, feature_steps=20, vae_steps=10, unet_steps=10, lora_steps=3, controlnet_steps=3,
+                      addon_batch_size=8, eval_steps=3, eval_per_class=2, serving_steps=5, serving_trials=1,
+                      quality_seeds=2,
+                      gate_thresholds={"lora_style_fd_ratio_max": ["max", 1e6],
+                                       "controlnet_edges_edge_f1_gain": ["min", -1.0],
+                                       "latency_ratio_cn_cold_lora": ["max", 1e6], "ssim_late_patch": ["min", 0.0]}),
+        "cpu": dict(per_class=300, feature_steps=1000, vae_steps=1500, unet_steps=4000, lora_steps=600,
+                    controlnet_steps=800, eval_steps=20, eval_per_class=16, serving_steps=20, serving_trials=5,
+                    quality_seeds=8,
+                    gate_thresholds={"lora_style_fd_ratio_max": ["max", 0.9],
+                                     "controlnet_edges_edge_f1_gain": ["min", 0.05],
+                                     "latency_ratio_cn_cold_lora": ["max", 0.9], "cold_lora_overhead": ["max", 0.1],
+                                     "ssim_late_patch": ["min", 0.85]}),
+        "paper": dict(resolution=64, per_class=2000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
+                      vae_batch_size=128, unet_batch_size=128, lora_steps=5000, controlnet_steps=20_000,
+                      addon_batch_size=64, eval_steps=50, eval_per_class=100, serving_steps=50, wait_fraction=0.4,
+                      serving_trials=20, quality_seeds=32, gpu=True,
+                      gate_thresholds={"lora_style_fd_ratio_max": ["max", 0.9],
+                                       "controlnet_edges_edge_f1_gain": ["min", 0.05],
+                                       "latency_ratio_cn_cold_lora": ["max", 0.5], "cold_lora_overhead": ["max", 0.05],
+                                       "ssim_late_patch": ["min", 0.85]}),
+    },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,
                       trial_steps=4, trial_rungs=2, sweep_eval_per_class=2, distill_steps=12, distill_batch_size=16,
@@ -260,6 +300,22 @@ def _hybrid_splits(p: dict[str, Any]) -> str | None:
     return "; ".join(problems) or None
 
 
+def _swift_addons(p: dict[str, Any]) -> str | None:
+    from distillery.steps.swift_diffusion import parse_addon
+
+    problems, kinds = [], []
+    for a in p["addons"]:
+        try:
+            kinds.append(parse_addon(a)[0])
+        except ValueError as e:
+            problems.append(str(e))
+    if len(set(p["addons"])) != len(p["addons"]):
+        problems.append(f"addons must name each add-on once, got {p['addons']}")
+    if not problems and not {"controlnet", "lora"} <= set(kinds):
+        problems.append(f"addons must include the ControlNet and at least one LoRA, got {p['addons']}")
+    return "; ".join(problems) or None
+
+
 def _teacher_prior_budgets(p: dict[str, Any]) -> str | None:
     problems = []
     if p["min_episode_length"] > p["episode_steps"]:
@@ -280,7 +336,8 @@ def _teacher_prior_budgets(p: dict[str, Any]) -> str | None:
 CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
                                                                     "smdp-nav": [_smdp_durations],
                                                                     "hybrid-sd": [_hybrid_splits],
-                                                                    "teacher-prior": [_teacher_prior_budgets]}
+                                                                    "teacher-prior": [_teacher_prior_budgets],
+                                                                    "swift-diffusion": [_swift_addons]}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:

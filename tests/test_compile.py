@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO
 
-PIPELINES = ("tiny-sd", "scott", "mode", "smdp-nav", "hybrid-sd", "teacher-prior")
+PIPELINES = ("tiny-sd", "scott", "mode", "smdp-nav", "hybrid-sd", "teacher-prior", "swift-diffusion")
 
 
 def _compile(name: str, profile: str, out) -> tuple[dict, dict]:

@@ -38,6 +38,7 @@ COMPUTE_STEPS = frozenset({
     "collect-demos", "evaluate-text-to-image", "evaluate-policies", "evaluate-students", "train-navigation",
     "evaluate-navigation", "score-layers", "prune-unet", "distill-small", "train-tiny-vae", "evaluate-hybrid",
     "train-teacher", "teacher-rollouts", "sweep-prior-weights", "train-student", "evaluate-locomotion",
+    "train-addon", "evaluate-addon", "evaluate-serving",
 })
 # Of those, the ones that get an accelerator in a GPU profile (evaluation samples the diffusion models too;
 # navigation and locomotion are evaluated by stepping simulators, on CPU).
