@@ -52,6 +52,17 @@ def test_a_pods_cpu_limit_sizes_torchs_thread_pool(tmp_path, home, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
+    """Set by the package before torch loads libgomp (spinning waiters made a shared-CPU step 10x slower)."""
+    code = "import distillery, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+
+
 def test_bad_settings_are_refused_before_training(home, monkeypatch):
     from distillery.settings import get_settings
 
