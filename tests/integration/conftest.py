@@ -3,11 +3,18 @@ points the platform at them. A missing server binary fails the fixture with the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 
 from integration import services
+from integration.containers import REPO, pod_env, podman_env
 
 
 @dataclass(frozen=True)
@@ -103,3 +110,72 @@ def image():
     from integration.containers import build_image
 
     return build_image()
+
+
+@pytest.fixture(scope="session")
+def docker_api(tmp_path_factory):
+    """`podman system service` as the Docker API for kfp.local.DockerRunner."""
+    sock = tmp_path_factory.mktemp("podman") / "docker.sock"
+    proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=podman_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while not sock.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert sock.exists(), "podman system service did not open its socket"
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(15)
+
+
+@pytest.fixture(scope="module")
+def cluster_like(tmp_path_factory, image, docker_api, postgres_server, s3, mlflow_server):
+    """(run(pipeline, overrides) -> seconds, the MLflow client of the server, the pod env); one per test module,
+    so a module may run its pipeline once in a fixture and check it in several tests."""
+    from kfp import local
+
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    root = tmp_path / "pipeline_root"
+    root.mkdir()
+    root.chmod(0o777)  # the one shared folder; the containers write it as uid 1000
+    optuna = postgres_server.create_database(f"optuna_ct_{os.getpid()}_{time.time_ns() % 10**6}",
+                                             driver="postgresql")  # no driver named: the pods must cope
+    env = pod_env(tmp_path,
+                   {"DISTILLERY_TRACKING_URI": mlflow_server.url,
+                    "DISTILLERY_ARTIFACT_LOCATION": f"s3://{s3.bucket}/artifacts",
+                    "DISTILLERY_S3_ENDPOINT_URL": s3.endpoint_url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+                    "DISTILLERY_PIPELINE_ROOT": str(root), "DISTILLERY_HOME": "/tmp/distillery",
+                    "DISTILLERY_DEPLOY_MODE": "render"},
+                   {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                    "DISTILLERY_OPTUNA_STORAGE": optuna})
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("DOCKER_HOST", docker_api)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, env[key])  # the client reads run artifacts straight from RGW, as a user would
+
+    def run(pipeline: str, overrides: dict) -> float:
+        compiled = tmp_path / "compiled" / pipeline
+        # Compiled as for a cluster (the cpu profile: smoke is refused), run with the smoke profile's sizes and gates.
+        cli = subprocess.run([str(Path(sys.executable).parent / "distillery"), "compile", pipeline, "--profile",
+                              "cpu", "--out", str(compiled)], capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "DISTILLERY_IMAGE": image.ref,
+                                  "DISTILLERY_IMAGE_DIGEST": f"sha256:{image.id}",
+                                  "DISTILLERY_HOME": str(tmp_path / "compile-home")})
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        spec = next(yaml.safe_load_all((compiled / f"{pipeline}.yaml").read_text()))  # then the platform spec
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
+        assert images == {image.ref}, images
+        from distillery.platform import kfp_runtime
+
+        func = kfp_runtime.load_compiled(compiled / f"{pipeline}.yaml")
+        local.init(runner=local.DockerRunner(network_mode="host", user="1000", environment=env),
+                   pipeline_root=str(root), raise_on_error=True)
+        from pipelines.params import PROFILES
+
+        start = time.perf_counter()
+        func(**{**PROFILES[pipeline]["smoke"], **overrides})
+        return time.perf_counter() - start
+
+    import mlflow
+
+    yield run, mlflow.MlflowClient(tracking_uri=mlflow_server.url), env
+    monkeypatch.undo()

@@ -1,5 +1,7 @@
-"""The scott smoke DAG end to end through the KFP local runner (sweep with 2 parallel workers included), the
-served student, and the imported-teacher branch."""
+"""The scott smoke DAG, the suite's one run of it, as a cluster runs it: every step (the sweep workers included,
+each in its own container, sharing one Optuna study on PostgreSQL) in the built image as uid 1000, configured only
+by the rendered ConfigMap and Secret, tracked on the MLflow server with artifacts on RGW. Then the champion is
+pulled from the server's registry and served, and the SCott notebook reads the server's runs."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import base64
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,12 +18,13 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO
-from test_pipeline_tiny_sd import _cli, _env, _mlflow, _runs, run_notebook
+from integration.containers import REPO, check_lineage
+from test_pipeline_tiny_sd import run_notebook
 from test_serving import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
+MODEL = "scott-ct"
 METHODS = ("cd-ode", "scott", "scott-adv")
 STEPS = {"data", "validate", "feature-net", "train-vae", "train-unet", "evaluate", "gate", "register", "deploy",
          *(f"{step}-{m}" for m in METHODS for step in ("select-best", "distill")),
@@ -29,37 +33,38 @@ KNOBS = {"cd-ode": {"lr"}, "scott": {"lr", "noise_strength"}, "scott-adv": {"lr"
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    home = tmp_path_factory.mktemp("scott") / "home"
-    proc = _cli(home, "run", "scott", "--profile", "smoke", "--cache")
-    return home, proc
+def scott_run(cluster_like, image, s3):
+    """(MLflow client, step runs by task, every run of the experiment, the server-pointing env for clients)."""
+    run, client, env = cluster_like
+    # The teacher only has to exist: the checks are about the DAG, the sweep and the release, not its quality.
+    seconds = run("scott", dict(model_name=MODEL, feature_steps=30, vae_steps=30, unet_steps=40))
+    print(f"scott smoke in containers: {seconds:.1f} s")
+    children = check_lineage(client, "scott", MODEL, STEPS, image, s3)
+    exp = client.get_experiment_by_name("distillery/scott")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    client_env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    client_env.update({k: env[k] for k in ("DISTILLERY_TRACKING_URI", "DISTILLERY_S3_ENDPOINT_URL",
+                                           "DISTILLERY_ARTIFACT_LOCATION")})
+    return client, children, runs, client_env
 
 
-def _children(runs, parent):
-    return {r.data.tags["task"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-
-
-def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
-    home, proc = smoke
-    assert "distillery serve scott" in proc.stdout, proc.stdout[-3000:]
-    client = _mlflow(home)
-    runs = _runs(client, "distillery/scott")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = _children(runs, parents[0])
+def test_scott_smoke_sweeps_distills_evaluates_and_registers_in_containers(scott_run):
+    client, children, runs, _ = scott_run
     assert set(children) == STEPS
-    assert all(r.info.status == "FINISHED" for r in children.values())
 
-    # Per method one study shared by two workers, one trial each (same budget for every method); every trial is a
-    # run nested under its worker's run, scored at the rungs (1 and 4 steps); successive halving may stop one.
-    trials = [r for r in runs if r.data.tags.get("optuna.trial") is not None]
+    # Per method one study shared by two workers (two containers), one trial each (the same budget for every
+    # method); every trial is a run nested under its worker's run, scored at the rungs (1 and 4 steps); successive
+    # halving may stop one.
+    workers = {children[f"sweep-{m}-{w}"].info.run_id for m in METHODS for w in (0, 1)}
+    trials = [r for r in runs if r.data.tags.get("optuna.trial") is not None
+              and r.data.tags.get("mlflow.parentRunId") in workers]
     assert len(trials) == 6
     for m in METHODS:
         mine = [r for r in trials if r.data.tags["optuna.study"].endswith(f"-{m}")]
         assert len(mine) == 2 and len({r.data.tags["optuna.study"] for r in mine}) == 1
         assert sorted(int(r.data.tags["optuna.trial"]) for r in mine) == [0, 1]
-        workers = {children[f"sweep-{m}-{w}"].info.run_id for w in (0, 1)}
-        assert {r.data.tags["mlflow.parentRunId"] for r in mine} <= workers
+        assert {r.data.tags["mlflow.parentRunId"] for r in mine} <= {
+            children[f"sweep-{m}-{w}"].info.run_id for w in (0, 1)}
         assert all(set(r.data.params) == KNOBS[m] for r in mine)
         complete = [r for r in mine if r.data.tags["optuna.state"] == "COMPLETE"]
         assert complete and all(r.data.tags["optuna.state"] in ("COMPLETE", "PRUNED") for r in mine)
@@ -69,8 +74,7 @@ def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
         best = children[f"select-best-{m}"].data.metrics
         assert best["best_value"] == pytest.approx(min(r.data.metrics["objective"] for r in complete))
         # Each method is distilled with its own best values.
-        distilled = children[f"distill-{m}"].data.params
-        assert float(distilled["lr"]) == pytest.approx(best["lr"])
+        assert float(children[f"distill-{m}"].data.params["lr"]) == pytest.approx(best["lr"])
     assert float(children["distill-scott-adv"].data.params["noise_strength"]) == pytest.approx(
         children["select-best-scott-adv"].data.metrics["noise_strength"])
     assert float(children["distill-cd-ode"].data.metrics["noise_strength"]) == 0.0
@@ -87,25 +91,27 @@ def test_smoke_run_sweeps_distills_evaluates_and_registers(smoke):
     released = children["evaluate"].data.tags["released_method"]
     assert ev["fd"] == ev[f"{released.replace('-', '_')}_2step_fd"] == min(
         ev[f"{m.replace('-', '_')}_2step_fd"] for m in METHODS)
-    artifacts = [a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "samples")]
-    assert len(artifacts) == 14
-    top = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
-    assert {"evaluation_table.json", "evaluation_table.md", "fd_vs_steps.png"} <= top
-
-    mv = client.get_model_version_by_alias("scott", "champion")
-    assert str(mv.version) == "1"
+    evaluate_id = children["evaluate"].info.run_id
+    assert len(client.list_artifacts(evaluate_id, "samples")) == 14
+    assert {"evaluation_table.json", "evaluation_table.md", "fd_vs_steps.png"} <= {
+        a.path for a in client.list_artifacts(evaluate_id)}
+    assert "inferenceservice.yaml" in {a.path for a in client.list_artifacts(children["deploy"].info.run_id)}
 
 
 @pytest.fixture(scope="module")
-def served(smoke, tmp_path_factory):
-    home, _ = smoke
+def served(scott_run, tmp_path_factory):
+    """The champion pulled from the server's registry (weights from RGW) by a client, served on loopback."""
+    *_, env = scott_run
     dst = tmp_path_factory.mktemp("student") / "model"
     code = ("from distillery.platform import registry, tracking; tracking.configure(); "
-            f"registry.download('scott', 'champion', dst={str(dst)!r})")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(home), check=True, capture_output=True)
-    proc, url, sink = start_server(dst, "scott", dst.parent / "server.log", env=_env(home))
+            f"registry.download({MODEL!r}, 'champion', dst={str(dst)!r})")
+    home = dst.parent / "home"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "DISTILLERY_HOME": str(home)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    server, url, sink = start_server(dst, "scott", dst.parent / "server.log", env={**env, "DISTILLERY_HOME": str(home)})
     yield url, dst
-    stop_server(proc, sink)
+    stop_server(server, sink)
 
 
 def _local(model_dir, prompt: str, steps: int, seed: int) -> np.ndarray:
@@ -118,11 +124,12 @@ def _local(model_dir, prompt: str, steps: int, seed: int) -> np.ndarray:
                            generator=[torch.Generator().manual_seed(seed)]).images[0])
 
 
-def test_served_student_answers_v1_and_v2_with_the_steps_asked(smoke, served):
+def test_served_student_answers_v1_and_v2_with_the_steps_asked(scott_run, served):
+    _, children, _, _ = scott_run
     url, model_dir = served
-    runs = _runs(_mlflow(smoke[0]), "distillery/scott")
-    released = {r.data.tags["released_method"] for r in runs if r.data.tags.get("task") == "evaluate"}
-    assert {json.loads((model_dir / "distillery.json").read_text())["method"]} == released  # the winner is served
+    # The winner of the evaluation is what the registry serves.
+    assert json.loads((model_dir / "distillery.json").read_text())["method"] == \
+        children["evaluate"].data.tags["released_method"]
     prompt = "a handwritten digit seven"
     images = {}
     for steps in (1, 4):
@@ -155,9 +162,11 @@ def test_served_student_answers_v1_and_v2_with_the_steps_asked(smoke, served):
     assert r.status_code == 400 and "steps" in r.text
 
 
-def test_scott_notebook_executes_headless(smoke, monkeypatch):
-    home, _ = smoke
-    nb = run_notebook("scott_table.ipynb", home, monkeypatch)
+def test_scott_notebook_reads_the_tracking_server(scott_run, tmp_path, monkeypatch):
+    *_, env = scott_run
+    for key in ("DISTILLERY_TRACKING_URI", "DISTILLERY_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(key, env[key])
+    nb = run_notebook("scott_table.ipynb", tmp_path / "home", monkeypatch)
     table = next(o for o in nb.cells[2].outputs if o["output_type"] == "execute_result")["data"]["text/plain"]
     assert "scott-adv" in table and "teacher" in table and "cd-ode" in table
     assert any("image/png" in o.get("data", {}) for o in nb.cells[3].outputs)
