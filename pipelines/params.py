@@ -217,8 +217,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # cpu: the targets where 2 cores allow them. A ControlNet + cold LoRA at <= 0.5x the baseline needs a
     # spare core for the concurrent ControlNet; measured 0.74-0.88x on a busy 2-core machine (README), so 0.9 here.
     "swift-diffusion": {
-        "smoke": dict(per_class=12, feature_steps=20, vae_steps=10, unet_steps=10, lora_steps=3, controlnet_steps=3,
-                      addon_batch_size=8, eval_steps=3, eval_per_class=2, serving_steps=5, serving_trials=1,
+        "smoke": dict(resolution=16, per_class=12, feature_steps=20, vae_steps=10, unet_steps=10, lora_steps=2,
+                      controlnet_steps=2, addon_batch_size=8, eval_steps=2, eval_per_class=2, serving_steps=5, serving_trials=1,
                       quality_seeds=2,
                       gate_thresholds={"lora_style_fd_ratio_max": ["max", 1e6],
                                        "controlnet_edges_edge_f1_gain": ["min", -1.0],

@@ -21,6 +21,7 @@ from components.common import deploy, finish_run, gate, register, validate_image
 from components.swift_diffusion import evaluate_addon, evaluate_serving, register_addons, train_addon
 from components.tiny_sd import prepare_image_captions, train_feature_net, train_unet, train_vae
 from distillery.platform.pods import configure_pipeline_tasks
+from distillery.steps.swift_diffusion import ADDON_PARALLELISM
 from pipelines.params import tracking_args
 
 
@@ -109,7 +110,7 @@ def swift_diffusion(
         def addons_evaluate_release(base):
             """Add-ons in parallel (train, evaluate) -> add-on store -> serving evaluation -> gate -> register ->
             deploy, on one base."""
-            with dsl.ParallelFor(items=addons, parallelism=4) as addon:
+            with dsl.ParallelFor(items=addons, parallelism=ADDON_PARALLELISM) as addon:
                 trained = train_addon(base=base, dataset=dataset, addon=addon, lora_steps=lora_steps,
                                       lora_rank=lora_rank, lora_lr=lora_lr, controlnet_steps=controlnet_steps,
                                       controlnet_lr=controlnet_lr, batch_size=addon_batch_size,
