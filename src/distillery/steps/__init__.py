@@ -38,6 +38,18 @@ def load_dataset(dataset_dir: str):
     return load_image_caption_dataset(Path(dataset_dir))
 
 
+def load_sd_pipeline(model_dir: str, role: str):
+    """The diffusers StableDiffusionPipeline folder a step received as its `role` (teacher, base), progress bars
+    off; a clear error when it is not one."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (Path(model_dir) / "model_index.json").exists():
+        raise FileNotFoundError(f"no {role} at {model_dir}: pass a diffusers StableDiffusionPipeline folder")
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def log_metrics(metrics: dict, step: int) -> None:
     """Training-loop log callback: metrics at a step into the step's MLflow run."""
     from distillery.platform import tracking

@@ -7,19 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
-from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
+from distillery.steps import (checkpoint_dir, dir_hash, evaluator_identity, load_dataset, load_sd_pipeline,
+                              log_metrics)
 
 HYBRID_FILE = "hybrid.json"  # the hybrid configuration at the top of a release folder
 
 
 def _teacher(teacher_dir: str):
-    from diffusers import StableDiffusionPipeline
-
-    if not (Path(teacher_dir) / "model_index.json").exists():
-        raise FileNotFoundError(f"no teacher at {teacher_dir}: pass a diffusers StableDiffusionPipeline folder")
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_dir, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_sd_pipeline(teacher_dir, "teacher")
 
 
 def _probe_set(ds, num_prompts: int, seed: int) -> tuple[list[str], list[int]]:

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from distillery.steps import checkpoint_dir, dir_hash, evaluator_identity, load_dataset, log_metrics
+from distillery.steps import (checkpoint_dir, dir_hash, evaluator_identity, load_dataset, load_sd_pipeline,
+                              log_metrics)
 
 ADDON_FILE = "addon.json"  # beside an add-on's weights: its store path (kind/name) and its training numbers
 KINDS = ("controlnet", "lora")
@@ -73,16 +74,6 @@ def train_addon(*, base_dir: str, dataset_dir: str, out_dir: str, addon: str, lo
     return metrics
 
 
-def _base(base_dir: str):
-    from diffusers import StableDiffusionPipeline
-
-    if not (Path(base_dir) / "model_index.json").exists():
-        raise FileNotFoundError(f"no base model at {base_dir}: pass a diffusers StableDiffusionPipeline folder")
-    pipe = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _class_conditions(hold, num_per_class: int) -> dict[str, np.ndarray]:
     """Per class prompt, the edge maps of its held-out images (cycled to num_per_class) and those images."""
     from distillery.papers.swift_diffusion.addons import edge_map
@@ -116,7 +107,7 @@ def evaluate_addon(*, base_dir: str, addon_dir: str, dataset_dir: str, feature_n
     import torch
 
     from distillery.models import image_eval
-    from distillery.papers.swift_diffusion.addons import stylize
+    from distillery.papers.swift_diffusion.addons import LORA_FILE, stylize
     from distillery.papers.swift_diffusion.evaluate import ssim
     from distillery.platform import tracking
 
@@ -125,7 +116,7 @@ def evaluate_addon(*, base_dir: str, addon_dir: str, dataset_dir: str, feature_n
     _share_cores()
     ds = load_dataset(dataset_dir)
     hold = ds.holdout()
-    pipe = _base(base_dir)
+    pipe = load_sd_pipeline(base_dir, "base model")
     net = image_eval.FeatureNet.load(Path(feature_net_dir))
     ev = dict(num_per_class=num_per_class, steps=steps, guidance_scale=guidance_scale, seed=seed, latency_probes=1)
     made: dict[str, list] = {"base": [], "addon": []}
@@ -144,7 +135,7 @@ def evaluate_addon(*, base_dir: str, addon_dir: str, dataset_dir: str, feature_n
     if kind == "lora":
         target = SimpleNamespace(images=stylize(hold.images, name), class_prompts=hold.class_prompts)
         base = image_eval.evaluate_text_to_image(pipe, target, net, generate_fn=recorded("base", plain), **ev)
-        pipe.load_lora_weights(addon_dir, weight_name="pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(addon_dir, weight_name=LORA_FILE)
         try:
             result = image_eval.evaluate_text_to_image(pipe, target, net, generate_fn=recorded("addon", plain), **ev)
         finally:
