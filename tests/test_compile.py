@@ -172,3 +172,25 @@ def test_the_graph_the_local_runner_runs_has_no_retries(compiled, tmp_path):
     tasks = list(_container_tasks(spec))
     assert tasks and not any("retryPolicy" in task for _, task, _ in tasks)
     assert all("configMapAsEnv" in e for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
+
+
+def test_swift_diffusion_trains_its_addons_in_parallel_in_both_base_branches(compiled):
+    from distillery.steps.swift_diffusion import ADDON_PARALLELISM
+
+    spec, _ = compiled["swift-diffusion", "cpu"]
+    comps = spec["components"]
+    loops = {n: c["dag"] for n, c in comps.items() if "dag" in c and any(
+        t["componentRef"]["name"].startswith("comp-train-addon") for t in c["dag"]["tasks"].values())}
+    assert len(loops) == 2  # a trained base and an imported one (base_uri) run the same add-on DAG
+    for dag in loops.values():
+        names = {re.sub(r"-[0-9]+$", "", t["componentRef"]["name"]) for t in dag["tasks"].values()}
+        assert names == {"comp-train-addon", "comp-evaluate-addon"}
+    iterators = [t for c in comps.values() if "dag" in c for t in c["dag"]["tasks"].values()
+                 if "parameterIterator" in t]
+    assert len(iterators) == 2 and all(t["iteratorPolicy"]["parallelismLimit"] == ADDON_PARALLELISM
+                                       for t in iterators)
+    assert any(e.get("importer") for e in spec["deploymentSpec"]["executors"].values())
+    deploys = [t for c in comps.values() if "dag" in c for t in c["dag"]["tasks"].values()
+               if t["componentRef"]["name"].startswith("comp-deploy")]
+    assert deploys and all(t["inputs"]["parameters"]["kind"]["runtimeValue"]["constant"] == "swift-diffusion"
+                           for t in deploys)
