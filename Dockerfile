@@ -60,7 +60,6 @@ RUN --mount=type=bind,source=wheelhouse/project,target=/wheelhouse-project \
     /opt/venv/bin/pip uninstall -q -y pip setuptools wheel
 
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl GIT_PYTHON_REFRESH=quiet \
-    OMP_WAIT_POLICY=PASSIVE \
     DISTILLERY_HOME=/home/app/.distillery DISTILLERY_SOURCES_DIR=/opt/distillery/sources
 COPY wheelhouse/sources /opt/distillery/sources
 WORKDIR /app

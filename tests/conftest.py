@@ -11,8 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 _SETTINGS_VARS = [v for v in os.environ if v.startswith("DISTILLERY_")]
-# As the package sets it (distillery/__init__.py), but before any test module imports torch first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The package's default (distillery/__init__.py), set before any test module imports torch first.
+import distillery  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(items):

@@ -53,14 +53,26 @@ def test_a_pods_cpu_limit_sizes_torchs_thread_pool(tmp_path, home, monkeypatch):
 
 
 def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
-    """Set by the package before torch loads libgomp (spinning waiters made a shared-CPU step 10x slower)."""
+    """Set by the package before torch loads libgomp (spinning waiters made a shared-CPU step 10x slower), except in
+    the predictor."""
     code = "import distillery, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+    # The predictor's entry point leaves libgomp's own default (spinning) unless the user chose.
+    serve = "import distillery.serving.__main__, os, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", serve], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    # ... also when it runs under a process that imported the package (the default is inherited, marked as such).
+    parent = "import distillery, subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], check=True)"
+    out = subprocess.run([sys.executable, "-c", parent, serve], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    out = subprocess.run([sys.executable, "-c", serve], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
 
 
 def test_bad_settings_are_refused_before_training(home, monkeypatch):

@@ -8,8 +8,12 @@ for _var, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("H
                      ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "1")):
     _os.environ.setdefault(_var, _value)
 
-# OpenMP threads that wait for work sleep instead of spinning. A step shares its CPUs (parallel sweep workers in one
-# node, a CPU quota, the serving process's own threads); spinning threads then burn the time the working ones need:
-# one evaluation row took 259 s with torch's 2 threads spinning on 2 busy cores, and 22 s with them sleeping.
-# Read when torch loads libgomp, so it must be set before `import torch`; a user's own value wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that wait for work sleep instead of spinning. A pipeline step shares its CPUs (parallel sweep
+# workers on one node, a CPU quota); spinning threads then burn the time the working ones need: one evaluation row
+# took 259 s with torch's 2 threads spinning on 2 busy cores, and 22 s with them sleeping. Read when torch loads
+# libgomp, so it must be set before `import torch`; a user's own value wins. The predictor undoes the default
+# (serving/__main__.py): on its own CPUs a batch-1 request is 2x faster with spinning waiters.
+# A child process inherits the value; the marker tells it the value is this default, not the user's.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.update(OMP_WAIT_POLICY="PASSIVE", OMP_WAIT_POLICY_SET_BY="distillery")
+OMP_WAIT_DEFAULTED = _os.environ.get("OMP_WAIT_POLICY_SET_BY") == "distillery"
