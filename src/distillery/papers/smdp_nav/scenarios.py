@@ -4,12 +4,11 @@ range). A set is stored as `scenarios.npz` (arrays, obstacles padded with radius
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
+from distillery.data.arrays import read_array_set, write_manifest, write_npz
 from distillery.papers.smdp_nav.env import NavConfig
 
 # name -> (static obstacles, moving obstacles)
@@ -132,20 +131,12 @@ def validate(arrays: dict, cfg: NavConfig, min_density: float, max_density: floa
 
 
 def save(arrays: dict, out: Path, cfg: NavConfig, **meta) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "scenarios.npz", **arrays)
-    digest = hashlib.sha256((out / "scenarios.npz").read_bytes()).hexdigest()
-    manifest = {"scenarios": int(len(arrays["start"])), "levels": [str(x) for x in arrays["levels"]],
-                "per_level": {str(name): int((arrays["level"] == i).sum()) for i, name in enumerate(arrays["levels"])},
-                "nav_config": cfg.as_dict(), "content_sha256": digest, **meta}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    digest = write_npz(out / "scenarios.npz", arrays)
+    return write_manifest(out, {
+        "scenarios": int(len(arrays["start"])), "levels": [str(x) for x in arrays["levels"]],
+        "per_level": {str(name): int((arrays["level"] == i).sum()) for i, name in enumerate(arrays["levels"])},
+        "nav_config": cfg.as_dict(), "content_sha256": digest, **meta})
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    path = Path(path)
-    if not (path / "scenarios.npz").exists():
-        raise FileNotFoundError(f"{path} holds no scenario set (scenarios.npz missing)")
-    with np.load(path / "scenarios.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads((path / "manifest.json").read_text())
+    return read_array_set(path, "scenarios.npz", "scenario set")

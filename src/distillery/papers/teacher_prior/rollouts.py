@@ -8,12 +8,11 @@ episode lengths, no NaN; a failure names every broken expectation.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
+from distillery.data.arrays import read_array_set, write_manifest, write_npz
 from distillery.papers.teacher_prior.env import AUX, PROPRIO, TerrainConfig, TerrainVecEnv
 from distillery.papers.teacher_prior.train import TRAIN_SEEDS
 
@@ -54,22 +53,13 @@ def collect(teacher, cfg: TerrainConfig, episodes: int, num_envs: int = 8, seed:
 
 
 def save(arrays: dict, out: Path, cfg: TerrainConfig, **meta) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "rollouts.npz", **arrays)
-    manifest = {"transitions": int(len(arrays["proprio"])), "episodes": int(len(arrays["ep_length"])),
-                "terrain_config": cfg.as_dict(),
-                "content_sha256": hashlib.sha256((out / "rollouts.npz").read_bytes()).hexdigest(), **meta}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    digest = write_npz(out / "rollouts.npz", arrays)
+    return write_manifest(out, {"transitions": int(len(arrays["proprio"])), "episodes": int(len(arrays["ep_length"])),
+                                "terrain_config": cfg.as_dict(), "content_sha256": digest, **meta})
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    path = Path(path)
-    if not (path / "rollouts.npz").exists():
-        raise FileNotFoundError(f"{path} holds no teacher rollouts (rollouts.npz missing)")
-    with np.load(path / "rollouts.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads((path / "manifest.json").read_text())
+    return read_array_set(path, "rollouts.npz", "teacher rollouts")
 
 
 def frames(arrays: dict):
