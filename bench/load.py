@@ -6,6 +6,8 @@ many clients as a batch holds (at capacity), then four times the queue bound (ab
 few (prompt, seed) or (task, observations, seed) keys whose answer was recorded one at a time beforehand, so every
 response is matched to its request: a lost, swapped or wrong answer counts as a mismatch. Reports p50/p95/p99
 latency of the answered requests, throughput, the declared 503s (Retry-After) and anything else (5xx, errors).
+First, in this process, what batching can gain at most: the text-to-image model's batched call against one image
+at a time, with oneDNN on (as served) and off, and how far batched images stray from unbatched ones.
 
     python bench/load.py [--seconds 60] [--steps 4] [--model-dir SD_DIR] [--policy-dir POLICY_DIR]
 Without folders, a tiny-sd pipeline (untrained: the same computation) and a tiny MoDE policy are built first.
@@ -47,10 +49,14 @@ class Endpoint:
 
 def same_png(a: bytes, b: bytes) -> bool:
     """Equal up to float rounding (CPU kernels round differently per batch size: at most one grey level)."""
+    x, y = png_array(a), png_array(b)
+    return x.shape == y.shape and np.abs(x - y).max() <= 1 and (x == y).mean() >= 0.99
+
+
+def png_array(png: bytes) -> np.ndarray:
     from PIL import Image
 
-    x, y = (np.asarray(Image.open(io.BytesIO(p))).astype(int) for p in (a, b))
-    return x.shape == y.shape and np.abs(x - y).max() <= 1 and (x == y).mean() >= 0.99
+    return np.asarray(Image.open(io.BytesIO(png))).astype(int)
 
 
 def text_to_image_endpoints(name: str, steps: int, n_keys: int = 6) -> list[Endpoint]:
@@ -160,6 +166,35 @@ def start_server(model_dir: Path, name: str, log: Path, *args: str) -> tuple[sub
     raise SystemExit(f"the server for {model_dir} did not become ready; see {log}")
 
 
+def batch_cost(sd_dir: Path, steps: int, capacity: int) -> list[dict]:
+    """Seconds for `capacity` images one call each and in one batched call, oneDNN on and off, with the largest
+    pixel difference between the two (the same prompts and seeds)."""
+    import torch
+
+    from distillery.serving.text_to_image import TextToImageModel
+
+    model = TextToImageModel("tiny-sd", sd_dir)
+    model.check()
+    model.load()
+    items, opts = [(f"a handwritten digit {k % 10}", 100 + k) for k in range(capacity)], (steps, 3.0, "")
+    rows = []
+    for onednn in (True, False):
+        torch.backends.mkldnn.enabled = onednn
+        model.run_batch(opts, items[:1]), model.run_batch(opts, items)  # warm-up
+        t = time.perf_counter()
+        alone = [model.run_batch(opts, [item])[0] for item in items]
+        one = (time.perf_counter() - t) / capacity
+        t = time.perf_counter()
+        batched = model.run_batch(opts, items)
+        batch = time.perf_counter() - t
+        diff = [np.abs(png_array(a) - png_array(b)) for a, b in zip(alone, batched)]
+        rows.append({"onednn": onednn, "one_s": one, "batch_s": batch, "batch_over_one": batch / one,
+                     "max_pixel_diff": int(max(d.max() for d in diff)),
+                     "pixels_differing": float(max((d > 0).mean() for d in diff))})
+    torch.backends.mkldnn.enabled = True
+    return rows
+
+
 def build_models(root: Path) -> tuple[Path, Path]:
     from distillery.data import demos as dm
     from distillery.models import files, tiny_sd
@@ -191,6 +226,12 @@ def main() -> None:
         built = build_models(tmp)
         sd_dir, policy_dir = sd_dir or built[0], policy_dir or built[1]
     cfg = json.loads((policy_dir / "policy.json").read_text())["config"]
+    costs = batch_cost(sd_dir, opts.steps, 8)
+    for c in costs:
+        print(f"in process, oneDNN {'on ' if c['onednn'] else 'off'}: {c['batch_s']:.3f} s for a batch of 8 against "
+              f"{c['one_s']:.3f} s for one image ({c['batch_over_one']:.2f}x); batched vs one at a time: at most "
+              f"{c['max_pixel_diff']} grey level(s) apart on {100 * c['pixels_differing']:.2f}% of the pixels",
+              flush=True)
     plans = [(sd_dir, "tiny-sd", text_to_image_endpoints("tiny-sd", opts.steps), 8),
              (policy_dir, "mode", policy_endpoints("mode", cfg["obs_history"], cfg["obs_dim"]), 8)]
     rows = []
@@ -217,7 +258,7 @@ def main() -> None:
               f"{row['mismatched']} | {row['errors']} |")
     out = Path(__file__).resolve().parent / "results" / "load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seconds": opts.seconds, "steps": opts.steps, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"seconds": opts.seconds, "steps": opts.steps, "batch_cost": costs, "rows": rows}, indent=1))
     bad = sum(r["other_5xx"] + r["503_without_retry_after"] + r["mismatched"] + r["errors"] for r in rows)
     sys.exit(1 if bad else 0)
 

@@ -402,3 +402,17 @@ def test_bounded_load_no_5xx_but_declared_503s_and_no_mixed_up_answers(sd, polic
             row = load.run_load(url, ep, clients, seconds=3)
             assert row["ok"] > 0 and row["other_5xx"] == row["503_without_retry_after"] == 0, row
             assert row["mismatched"] == row["errors"] == 0, row
+
+
+def test_batch_cost_keeps_batched_images_within_a_grey_level_with_onednn_on_and_off(sd_dir):
+    """The benchmark's in-process part: both oneDNN settings give batched images equal to unbatched ones (within
+    the tolerance the predictor promises), and oneDNN is left on, as the predictor serves."""
+    import torch
+
+    sys.path.insert(0, str(README.parent / "bench"))
+    import load
+
+    rows = load.batch_cost(sd_dir, steps=2, capacity=3)
+    assert [r["onednn"] for r in rows] == [True, False]
+    assert all(r["max_pixel_diff"] <= 1 and r["pixels_differing"] <= 0.01 and r["batch_s"] > 0 for r in rows), rows
+    assert torch.backends.mkldnn.enabled
