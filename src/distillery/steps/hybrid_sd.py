@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from distillery.models.files import seal
 from distillery.steps import (checkpoint_dir, dir_hash, evaluator_identity, load_dataset, load_sd_pipeline,
                               log_metrics)
 
@@ -116,6 +117,7 @@ def assemble_release(teacher_dir: Path, small_dir: Path, tiny_vae_dir: Path, out
     shutil.copytree(small_dir, edge / "unet", dirs_exist_ok=True)
     shutil.copytree(tiny_vae_dir, edge / "vae", dirs_exist_ok=True)
     (out / HYBRID_FILE).write_text(json.dumps(config, indent=1))
+    seal(out)  # both predictors refuse the release if a file changes later
 
 
 def evaluate(*, teacher_dir: str, small_dir: str, uniform_dir: str, tiny_vae_dir: str, dataset_dir: str,
