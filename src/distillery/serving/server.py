@@ -312,6 +312,14 @@ def serve(model_dir: Path, name: str, kind: str = "auto", port: int = 8080, host
         return model.ready
 
     server.dataplane.ready = ready
+    metadata = server.dataplane.model_metadata
+
+    async def model_metadata(model_name: str) -> dict:  # a kind reads its shapes from the loaded model: 503 before
+        if model_name == name and not model.ready:
+            raise ModelNotReady(name, model.failure or "it is still loading")
+        return await metadata(model_name)
+
+    server.dataplane.model_metadata = model_metadata
     log.info("serving %s (%s) on http://%s:%d%s", name, kind, host, port,
              f" and grpc://{host}:{grpc_port}" if grpc_port else "")
     server.start([])  # registered above: start() would refuse a model that is still loading
