@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from distillery.models import files, tiny_sd
+from oip_contract import FUZZ, HEADERS, RAW, SD_FIELDS, _grpc, _http, _v1_bodies, _v2_bodies, fuzz_model
 from test_serving import _free_port, start_server, stop_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -41,19 +42,6 @@ def sd(sd_dir, tmp_path_factory):
     proc, url, sink = start_server(sd_dir, "tiny-sd", log, args=("--max-queue", "4", "--batch-window-ms", "20"))
     yield url, proc.grpc_port, log
     stop_server(proc, sink)
-
-
-def _grpc(port: int, model: str, op: str = "infer", inputs: list | None = None) -> dict:
-    """tritonclient's gRPC client, run in its own process (see oip_grpc.py)."""
-    req = {"target": f"127.0.0.1:{port}", "model": model, "op": op, "inputs": inputs or []}
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("oip_grpc.py"))], input=json.dumps(req),
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
-
-
-def _http(url: str) -> httpclient.InferenceServerClient:
-    return httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120, connection_timeout=120)
 
 
 def _sd_inputs(prompts: list[str], binary: bool, seed: int = 5, steps: int = 3):
@@ -204,6 +192,7 @@ def test_a_folder_whose_files_changed_is_refused_live_but_never_ready(sd_dir, tm
         assert requests.get(f"{base}/v2/health/live", timeout=10).status_code == 200
         assert requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 503
         assert requests.get(f"{base}/v2/models/tiny-sd/ready", timeout=10).status_code == 503
+        assert requests.get(f"{base}/v2/models/tiny-sd", timeout=10).status_code == 503  # metadata too, not a 500
         r = requests.post(f"{base}/v1/models/tiny-sd:predict", json={"instances": [{"prompt": "x"}]}, timeout=10)
         assert r.status_code == 503 and "not ready" in r.text
     finally:
@@ -300,63 +289,14 @@ def test_policy_over_tritonclient_rest_binary_json_and_grpc(policy_server):
 
 # ------------------------------------------------------------------------------------------------ fuzzing
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4), max_leaves=12)
-DATATYPES = st.sampled_from(["BYTES", "FP32", "FP64", "FP16", "INT32", "INT64", "UINT8", "BOOL", "fp32", "X"])
-
-
-def _v1_bodies(fields: dict):
-    instance = st.fixed_dictionaries({}, optional={k: v | JSON_VALUES for k, v in fields.items()})
-    return st.one_of(JSON_VALUES.map(lambda v: {"instances": v}), st.builds(lambda i: {"instances": i},
-                     st.lists(instance | JSON_VALUES, max_size=10)), JSON_VALUES)
-
-
-def _v2_bodies(names: list[str]):
-    tensor = st.fixed_dictionaries({"name": st.sampled_from(names) | st.text(max_size=6), "datatype": DATATYPES,
-                                    "shape": st.lists(st.integers(-2, 12) | st.integers(), max_size=4),
-                                    "data": st.lists(st.floats(width=32) | st.integers(-5, 40) | st.text(max_size=8),
-                                                     max_size=90) | JSON_VALUES})
-    outputs = st.lists(st.fixed_dictionaries({"name": st.text(max_size=8)},
-                                             optional={"parameters": st.dictionaries(st.text(max_size=8), JSON_VALUES)}),
-                       max_size=2)
-    return st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=4) | JSON_VALUES},
-                                 optional={"parameters": st.dictionaries(st.sampled_from(["seed", "steps", "guidance",
-                                           "binary_data_output", "x"]), JSON_VALUES, max_size=3),
-                                           "outputs": outputs, "id": JSON_VALUES})
-
-
-HEADERS = st.fixed_dictionaries({}, optional={
-    "Content-Type": st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain",
-                                     "application/octet-stream", "application/cloudevents+json", "application/json; x"]),
-    "Inference-Header-Content-Length": st.integers(-5, 5000).map(str) | st.text(max_size=5),
-    "x-request-timeout": st.sampled_from(["30", "-1", "nan", "inf", "abc", "0"]),
-    "ce-specversion": st.just("1.0")})
-
-
-def _fuzz(url: str, path: str, body, headers: dict, raw: bytes | None) -> None:
-    data = raw if raw is not None else json.dumps(body).encode()
-    headers = {k: v.encode("ascii", "replace").decode() for k, v in headers.items()}
-    r = requests.post(url + path, data=data, headers=headers, timeout=120)
-    declared = r.status_code == 504 and "x-request-timeout" in headers
-    assert r.status_code < 500 or declared, (r.status_code, r.text[:500], body if raw is None else raw[:200], headers)
-
-
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-SD_FIELDS = {"prompt": st.text(max_size=30), "steps": st.integers(-3, 25), "guidance": st.floats(-2, 30),
-             "seed": st.integers(-3, 2**64), "negative_prompt": st.text(max_size=10)}
-
 
 @FUZZ
 @given(v1=_v1_bodies(SD_FIELDS), v2=_v2_bodies(["prompt", "steps", "guidance", "seed", "negative_prompt"]),
-       headers=HEADERS, raw=st.none() | st.binary(max_size=3000), which=st.booleans())
+       headers=HEADERS, raw=RAW, which=st.booleans())
 def test_fuzz_text_to_image_answers_4xx_never_5xx(sd, v1, v2, headers, raw, which):
-    url = sd[0]
-    _fuzz(url, "/v1/models/tiny-sd:predict" if which else "/v2/models/tiny-sd/infer", v1 if which else v2, headers,
-          raw)
+    fuzz_model(sd[0], "tiny-sd", v1, v2, headers, raw, which)
 
 
 def test_text_to_image_still_serves_after_fuzzing(sd):
@@ -370,11 +310,10 @@ POLICY_FIELDS = {"task": st.sampled_from(["push-v3", "reach-v3", "open the door"
 
 
 @FUZZ
-@given(v1=_v1_bodies(POLICY_FIELDS), v2=_v2_bodies(["observations", "task", "seed"]), headers=HEADERS,
-       raw=st.none() | st.binary(max_size=3000), which=st.booleans())
+@given(v1=_v1_bodies(POLICY_FIELDS), v2=_v2_bodies(["observations", "task", "seed"]), headers=HEADERS, raw=RAW,
+       which=st.booleans())
 def test_fuzz_policy_answers_4xx_never_5xx(policy_server, v1, v2, headers, raw, which):
-    url = policy_server[0]
-    _fuzz(url, "/v1/models/mode:predict" if which else "/v2/models/mode/infer", v1 if which else v2, headers, raw)
+    fuzz_model(policy_server[0], "mode", v1, v2, headers, raw, which)
 
 
 def test_policy_still_serves_after_fuzzing(policy_server):
