@@ -1,5 +1,7 @@
 """Cloud and edge predictors of a hybrid-sd release (untrained tiny parts): an image made through the two HTTP
-endpoints equals the one made in one process; requests that do not fit are answered 400."""
+endpoints equals the one made in one process; requests that do not fit are answered 400; and the serving contract
+of every kind (hashes checked at load, readiness, a bounded queue, metadata, tritonclient over REST and gRPC,
+fuzzing)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,12 @@ import time
 import numpy as np
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from distillery.serving.hybrid import STATE_INPUTS
+from oip_contract import (FUZZ, HEADERS, PARAMETERS, RAW, _grpc, _http, _v1_bodies, _v2_bodies,
+                          assert_metadata_declared, fuzz_model)
 from test_serving import _free_port
 
 pytestmark = pytest.mark.slow
@@ -43,8 +50,10 @@ def _start(model_dir, name, kind, log):
     port = _free_port()
     sink = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distillery.serving", "--model-dir", str(model_dir),
-                             "--model-name", name, "--kind", kind, "--http-port", str(port), "--grpc-port", "0",
-                             "--max-body-bytes", str(8 << 20)], stdout=sink, stderr=subprocess.STDOUT)
+                             "--model-name", name, "--kind", kind, "--http-port", str(port), "--grpc-port",
+                             str(grpc_port := _free_port()), "--max-body-bytes", str(8 << 20)],
+                            stdout=sink, stderr=subprocess.STDOUT)
+    proc.grpc_port = grpc_port
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -60,10 +69,11 @@ def _start(model_dir, name, kind, log):
 
 
 @pytest.fixture(scope="module")
-def servers(release, tmp_path_factory):
+def hybrid(release, tmp_path_factory):
+    """Each kind's (REST URL, gRPC port)."""
     logs = tmp_path_factory.mktemp("logs")
     started = [_start(release, "hybrid-sd", kind, logs / f"{kind}.log") for kind in ("hybrid-cloud", "hybrid-edge")]
-    yield started[0][1], started[1][1]
+    yield {kind: (url, proc.grpc_port) for kind, (proc, url, _) in zip(("hybrid-cloud", "hybrid-edge"), started)}
     for proc, _, sink in started:
         proc.terminate()
         try:
@@ -72,6 +82,11 @@ def servers(release, tmp_path_factory):
             proc.kill()
             proc.wait(10)
         sink.close()
+
+
+@pytest.fixture(scope="module")
+def servers(hybrid):
+    return hybrid["hybrid-cloud"][0], hybrid["hybrid-edge"][0]
 
 
 def _prompt_input(prompts):
@@ -174,3 +189,165 @@ def test_edge_refuses_nan_latents_in_process(release):
               kserve.InferInput("guidance", [1], "FP32", [GUIDANCE])]
     with pytest.raises(InvalidInput, match="NaN"):
         asyncio.run(model.predict(kserve.InferRequest("hybrid-sd", inputs)))
+
+
+# ------------------------------------------------------------------------------------------ the serving contract
+
+
+def test_tritonclient_reads_the_metadata_and_infers_over_rest_binary_and_grpc(hybrid):
+    import base64
+
+    import tritonclient.http as httpclient
+
+    (cloud_url, cloud_grpc), (edge_url, edge_grpc) = hybrid["hybrid-cloud"], hybrid["hybrid-edge"]
+    meta = {kind: _http(url).get_model_metadata("hybrid-sd") for kind, (url, _) in hybrid.items()}
+    for m in meta.values():
+        assert_metadata_declared(m)
+    assert [t["name"] for t in meta["hybrid-cloud"]["inputs"]] == ["prompt"]
+    assert [t["name"] for t in meta["hybrid-cloud"]["outputs"]] == list(STATE_INPUTS)
+    assert [t["name"] for t in meta["hybrid-edge"]["inputs"]] == ["prompt", *STATE_INPUTS]
+    assert meta["hybrid-edge"]["outputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                                              {"name": "latents", "datatype": "FP32", "shape": [-1, 4, 8, 8]}]
+
+    # REST with binary tensors both ways, the cloud's outputs handed to the edge as they came: the JSON answers.
+    prompt = httpclient.InferInput("prompt", [len(PROMPTS)], "BYTES")
+    prompt.set_data_from_numpy(np.array([p.encode() for p in PROMPTS], dtype=np.object_))
+    first = _http(cloud_url).infer("hybrid-sd", [prompt], parameters={"seed": 7},
+                                   outputs=[httpclient.InferRequestedOutput(n, binary_data=True) for n in STATE_INPUTS])
+    inputs = [prompt]
+    for name in STATE_INPUTS:
+        arr = first.as_numpy(name)
+        inputs.append(httpclient.InferInput(name, list(arr.shape), "INT64" if arr.dtype == np.int64 else "FP32"))
+        inputs[-1].set_data_from_numpy(arr)
+    second = _http(edge_url).infer("hybrid-sd", inputs,
+                                   outputs=[httpclient.InferRequestedOutput(n, binary_data=True) for n in ("image", "latents")])
+    json_cloud, _ = _cloud(cloud_url, seed=7)
+    by = {o["name"]: o for o in json_cloud}
+    np.testing.assert_allclose(first.as_numpy("latents"), np.reshape(by["latents"]["data"], by["latents"]["shape"]),
+                               atol=1e-6)
+    json_edge = {o["name"]: o for o in _edge(edge_url, json_cloud).json()["outputs"]}
+    pngs = list(second.as_numpy("image"))
+    assert pngs == [base64.b64decode(x) for x in json_edge["image"]["data"]] and pngs[0].startswith(b"\x89PNG")
+    np.testing.assert_allclose(second.as_numpy("latents"),
+                               np.reshape(json_edge["latents"]["data"], json_edge["latents"]["shape"]), atol=1e-6)
+
+    # gRPC (seed 0, the default), the same way.
+    cloud = _grpc(cloud_grpc, "hybrid-sd", inputs=[_prompt_input(PROMPTS)])
+    assert "error" not in cloud, cloud
+    specs = [_prompt_input(PROMPTS)] + [
+        {"name": n, "datatype": "FP32" if n in ("latents", "model_outputs", "guidance") else "INT64",
+         "shape": list(np.shape(cloud["outputs"][n])), "data": cloud["outputs"][n]} for n in STATE_INPUTS]
+    edge = _grpc(edge_grpc, "hybrid-sd", inputs=specs)
+    assert "error" not in edge, edge
+    assert_metadata_declared(cloud["metadata"])
+    assert_metadata_declared(edge["metadata"])
+    json_edge = {o["name"]: o for o in _edge(edge_url, _cloud(cloud_url, seed=0)[0]).json()["outputs"]}
+    assert edge["outputs"]["image"] == json_edge["image"]["data"]  # base64 of the same PNGs
+
+
+V1_PROMPTS = _v1_bodies({"prompt": st.text(max_size=30)})
+
+
+@FUZZ
+@given(v1=V1_PROMPTS, v2=_v2_bodies(["prompt"], PARAMETERS + ("split",)), headers=HEADERS, raw=RAW,
+       which=st.booleans())
+def test_fuzz_cloud_answers_4xx_never_5xx(servers, v1, v2, headers, raw, which):
+    fuzz_model(servers[0], "hybrid-sd", v1, v2, headers, raw, which)
+
+
+@FUZZ
+@given(v1=V1_PROMPTS, v2=_v2_bodies(["prompt", *STATE_INPUTS]), headers=HEADERS, raw=RAW, which=st.booleans())
+def test_fuzz_edge_answers_4xx_never_5xx(servers, v1, v2, headers, raw, which):
+    fuzz_model(servers[1], "hybrid-sd", v1, v2, headers, raw, which)
+
+
+@pytest.fixture(scope="module")
+def cloud_state(servers):
+    return {o["name"]: o for o in _cloud(servers[0], seed=3)[0]}
+
+
+@settings(FUZZ, max_examples=25)
+@given(step_index=st.integers(-1, STEPS + 1), steps=st.none() | st.integers(0, 12), lower=st.none() | st.integers(-1, 3),
+       kept=st.none() | st.integers(0, 3), scale=st.sampled_from([1.0, 0.0, -1e30]))
+def test_fuzz_edge_state_answers_4xx_never_5xx(servers, cloud_state, step_index, steps, lower, kept, scale):
+    """The cloud's real outputs with the solver state changed (None: what fits the step): the edge runs the rest of
+    the steps or answers 400, never a 5xx."""
+    fits = min(max(step_index, 0), 2)  # DPM-Solver++ (order 2) holds this many outputs after step_index steps
+    history = np.asarray(cloud_state["model_outputs"]["data"]).reshape(cloud_state["model_outputs"]["shape"])
+    history = np.concatenate([history, history])[:fits if kept is None else kept] * scale
+    state = {**cloud_state,
+             "model_outputs": {**cloud_state["model_outputs"], "shape": list(history.shape),
+                               "data": history.reshape(-1).tolist()},
+             **{name: {**cloud_state[name], "data": [value]} for name, value in (
+                 ("step_index", step_index), ("steps", STEPS if steps is None else steps),
+                 ("lower_order_nums", fits if lower is None else lower))}}
+    r = _edge(servers[1], state.values())
+    assert r.status_code in (200, 400), (r.status_code, r.text[:500])
+
+
+def test_hybrid_still_serves_after_fuzzing(servers):
+    cloud_url, edge_url = servers
+    assert all(requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200 for url in servers)
+    assert _edge(edge_url, _cloud(cloud_url)[0]).status_code == 200
+
+
+def test_a_changed_release_is_refused_at_load_and_never_ready(release, tmp_path):
+    import asyncio
+    import shutil
+
+    from distillery.models import files
+    from distillery.serving.hybrid import CloudModel, EdgeModel
+
+    tampered = tmp_path / "release"
+    shutil.copytree(release, tampered)
+    weights = next((tampered / "edge" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    for kind in (CloudModel, EdgeModel):
+        model = kind("hybrid-sd", tampered)
+        model.check()
+        assert not asyncio.run(model.healthy())  # not ready before it is loaded
+        with pytest.raises(files.ModelFilesMismatch, match="sha256 differs: edge/unet/"):
+            model.load()
+        assert not model.ready and "ModelFilesMismatch" in model.failure
+
+
+def test_a_full_queue_is_503_and_a_fatal_model_error_takes_readiness_away(release, monkeypatch):
+    import asyncio
+
+    import kserve
+    import torch
+
+    from distillery.papers.hybrid_sd import sampler
+    from distillery.serving.batching import ModelFailed, Overloaded
+    from distillery.serving.hybrid import CloudModel
+
+    model = CloudModel("hybrid-sd", release, max_queue=1)
+    model.check()
+    model.load()
+    assert model.ready
+
+    def request():
+        return kserve.InferRequest("hybrid-sd", [kserve.InferInput("prompt", [1], "BYTES", ["x"])])
+
+    def slow(pipe, unet, prompts, seeds, *, steps, k, guidance_scale):
+        time.sleep(0.2)
+        return torch.zeros(len(prompts), 4, 8, 8), sampler.SchedulerState(k)
+
+    async def burst():
+        return await asyncio.gather(*(model.predict(request()) for _ in range(4)), return_exceptions=True)
+
+    monkeypatch.setattr(sampler, "run_first", slow)
+    answers = asyncio.run(burst())
+    assert any(isinstance(a, kserve.InferResponse) for a in answers), answers
+    refused = [a for a in answers if isinstance(a, Overloaded)]
+    assert refused and all(a.retry_after_s >= 1 for a in refused), answers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(sampler, "run_first", broken)
+    with pytest.raises(ModelFailed, match="illegal memory access"):
+        asyncio.run(model.predict(request()))
+    assert not model.ready and "RuntimeError" in model.failure and not asyncio.run(model.healthy())
