@@ -1,16 +1,21 @@
 """The locomotion predictor over HTTP on 127.0.0.1: V1 and V2 give the student's actions, wrong shapes and NaN are
-answered 400, and a whole Walker2d episode on rough terrain is driven through the endpoint."""
+answered 400, a whole Walker2d episode on rough terrain is driven through the endpoint, tritonclient reads its
+metadata and infers over REST and gRPC, and fuzzed requests never get a 5xx."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from distillery.papers.teacher_prior import PriorConfig, TerrainConfig, TerrainVecEnv, train_ppo
 from distillery.papers.teacher_prior.env import FRAME
 from distillery.papers.teacher_prior.policy import load_policy
 from distillery.rl.ppo import PPOConfig
+from oip_contract import (FUZZ, HEADERS, RAW, _grpc, _http, _v1_bodies, _v2_bodies, assert_metadata_declared,
+                          fuzz_model)
 from test_serving import start_server, stop_server
 
 CFG = TerrainConfig(episode_steps=40, history=2, heights_ahead=4)
@@ -26,10 +31,16 @@ def policy_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(policy_dir, tmp_path_factory):
+def served(policy_dir, tmp_path_factory):
+    """(REST URL, gRPC port)."""
     proc, url, sink = start_server(policy_dir, "loco", tmp_path_factory.mktemp("log") / "server.log")
-    yield url
+    yield url, proc.grpc_port
     stop_server(proc, sink)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 def _history(seed: int = 0) -> list:
@@ -105,3 +116,41 @@ def test_the_privileged_teacher_is_refused(tmp_path, home):
               env_steps=20, rollout_steps=10)
     with pytest.raises(ValueError, match="privileged teacher"):
         LocomotionModel("t", tmp_path / "t").load_model()
+
+
+def test_tritonclient_reads_the_metadata_and_infers_over_rest_binary_and_grpc(served):
+    import tritonclient.http as httpclient
+
+    url, grpc_port = served
+    meta = _http(url).get_model_metadata("loco")
+    assert_metadata_declared(meta)
+    history = np.array([_history(0), _history(1)], np.float32)
+    r = requests.post(f"{url}/v1/models/loco:predict", timeout=30,
+                      json={"instances": [{"observations": h.tolist()} for h in history]})
+    want = np.array([p["action"] for p in r.json()["predictions"]], np.float32)
+    obs = httpclient.InferInput("observations", list(history.shape), "FP32")
+    obs.set_data_from_numpy(history, binary_data=True)
+    out = _http(url).infer("loco", [obs], outputs=[httpclient.InferRequestedOutput("actions", binary_data=True)])
+    np.testing.assert_allclose(out.as_numpy("actions"), want, atol=1e-6)
+    r = _grpc(grpc_port, "loco", inputs=[{"name": "observations", "datatype": "FP32", "shape": list(history.shape),
+                                          "data": history.reshape(-1).tolist()}])
+    assert "error" not in r, r
+    assert_metadata_declared(r["metadata"])
+    np.testing.assert_allclose(np.array(r["outputs"]["actions"]), want, atol=1e-6)
+
+
+LOCO_FIELDS = {"observations": st.lists(st.lists(st.floats(width=32), min_size=FRAME, max_size=FRAME), min_size=1,
+                                        max_size=CFG.history + 1)}
+
+
+@FUZZ
+@given(v1=_v1_bodies(LOCO_FIELDS), v2=_v2_bodies(["observations"]), headers=HEADERS, raw=RAW, which=st.booleans())
+def test_fuzz_answers_4xx_never_5xx(server, v1, v2, headers, raw, which):
+    fuzz_model(server, "loco", v1, v2, headers, raw, which)
+
+
+def test_still_serves_after_fuzzing(server):
+    assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200
+    r = requests.post(f"{server}/v1/models/loco:predict", json={"instances": [{"observations": _history()}]},
+                      timeout=30)
+    assert r.status_code == 200, r.text

@@ -1,17 +1,21 @@
 """The navigation predictor over HTTP on 127.0.0.1: V1 and V2 give the policy's commands, malformed scans are
-answered 400, and an ir-sim episode is driven entirely through the endpoint."""
+answered 400, an ir-sim episode is driven entirely through the endpoint, tritonclient reads its metadata and infers
+over REST and gRPC, and fuzzed requests never get a 5xx."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from distillery.papers.smdp_nav import NavConfig
 from distillery.papers.smdp_nav import scenarios as S
 from distillery.papers.smdp_nav.policy import NavPolicy
 from distillery.papers.smdp_nav.train import train_policy
 from distillery.rl.ppo import PPOConfig
+from oip_contract import FUZZ, HEADERS, RAW, _grpc, _http, _v1_bodies, _v2_bodies, assert_metadata_declared, fuzz_model
 from test_serving import start_server, stop_server
 
 
@@ -25,10 +29,16 @@ def policy_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(policy_dir, tmp_path_factory):
+def served(policy_dir, tmp_path_factory):
+    """(REST URL, gRPC port)."""
     proc, url, sink = start_server(policy_dir, "nav", tmp_path_factory.mktemp("log") / "server.log")
-    yield url
+    yield url, proc.grpc_port
     stop_server(proc, sink)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 def _instance(scan=None, beams=36):
@@ -89,11 +99,14 @@ def test_an_irsim_episode_through_the_endpoint(server, policy_dir):
     assert ep["decisions"] == len(calls) >= 1 and (ep["arrived"] or ep["collided"] or ep["time"] >= 40.0 - 1e-6)
 
 
-def test_v2_binary_tensors_as_a_third_party_client_sends_them(server):
-    """tritonclient over REST with binary tensor data in and out: the same command as the JSON V1 request."""
+def test_v2_binary_tensors_as_a_third_party_client_sends_them(served):
+    """tritonclient over REST with binary tensor data in and out, and over gRPC: the metadata declares every input
+    and output, and the answers are the command of the JSON V1 request."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(server.removeprefix("http://"), network_timeout=60)
+    server, grpc_port = served
+    client = _http(server)
+    assert_metadata_declared(client.get_model_metadata("nav"))
     inputs = []
     for name, value in (("scan", [_instance()["scan"]]), ("goal", [[3.0, 0.4]]), ("velocity", [[0.2, 0.0]])):
         x = httpclient.InferInput(name, [1, len(value[0])], "FP32")
@@ -104,3 +117,25 @@ def test_v2_binary_tensors_as_a_third_party_client_sends_them(server):
     p = requests.post(f"{server}/v1/models/nav:predict", json={"instances": [_instance()]}, timeout=30).json()
     assert got.shape == (1, 3) and got[0] == pytest.approx([p["predictions"][0][k] for k in ("v", "w", "duration")],
                                                            abs=1e-5)
+    r = _grpc(grpc_port, "nav", inputs=[{"name": x.name(), "datatype": "FP32", "shape": x.shape(), "data": value}
+                                        for x, value in zip(inputs, (_instance()["scan"], [3.0, 0.4], [0.2, 0.0]))])
+    assert "error" not in r, r
+    assert_metadata_declared(r["metadata"])
+    assert r["outputs"]["command"] == [pytest.approx(list(got[0]), abs=1e-6)]
+
+
+NAV_FIELDS = {"scan": st.lists(st.floats(-1, 20, width=32), min_size=35, max_size=37),
+              "goal": st.lists(st.floats(width=32), min_size=1, max_size=3),
+              "velocity": st.lists(st.floats(width=32), min_size=1, max_size=3)}
+
+
+@FUZZ
+@given(v1=_v1_bodies(NAV_FIELDS), v2=_v2_bodies(list(NAV_FIELDS)), headers=HEADERS, raw=RAW, which=st.booleans())
+def test_fuzz_answers_4xx_never_5xx(server, v1, v2, headers, raw, which):
+    fuzz_model(server, "nav", v1, v2, headers, raw, which)
+
+
+def test_still_serves_after_fuzzing(server):
+    assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200
+    r = requests.post(f"{server}/v1/models/nav:predict", json={"instances": [_instance()]}, timeout=30)
+    assert r.status_code == 200, r.text

@@ -1,6 +1,7 @@
 """The SwiftDiffusion predictor over HTTP (untrained tiny SD, add-ons in a local store): LoRAs and a ControlNet by
 name in V1 and V2, what happened reported per request and in /metrics, and every client mistake a 4xx while the
-server keeps serving."""
+server keeps serving; for it and its baseline kind, tritonclient over REST and gRPC and fuzzed requests (never a
+5xx)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import numpy as np
 import pytest
 import requests
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
+from oip_contract import (FUZZ, HEADERS, RAW, SD_FIELDS, _grpc, _http, _v1_bodies, _v2_bodies,
+                          assert_metadata_declared, fuzz_model)
 from test_serving import start_server, stop_server
 from test_storage import s3  # noqa: F401 - the moto S3 fixture
 from test_swift_diffusion import CFG, _random_lora, _squares
@@ -34,7 +39,8 @@ EDGES = _png(addons.edge_map(_squares()[:1])[0])
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def swift(tmp_path_factory):
+    """The swift-diffusion predictor: (REST URL, gRPC port, add-on store, log)."""
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
@@ -57,8 +63,31 @@ def served(tmp_path_factory):
     cn.save_pretrained(store / "controlnet" / "edges", safe_serialization=True)
     log = tmp_path_factory.mktemp("log") / "server.log"
     proc, url, sink = start_server(model, "swift", log)  # kind "auto": read from distillery.json
-    yield url, store, log
+    yield url, proc.grpc_port, store, log
     stop_server(proc, sink)
+
+
+@pytest.fixture(scope="module")
+def served(swift):
+    url, _, store, log = swift
+    return url, store, log
+
+
+@pytest.fixture(scope="module")
+def baseline(served, tmp_path_factory):
+    """The same folder served the plain diffusers way, a kind of its own: (REST URL, gRPC port)."""
+    _, store, _ = served
+    proc, url, sink = start_server(store.parent, "swift", tmp_path_factory.mktemp("blog") / "server.log",
+                                   args=("--kind", "swift-diffusion-baseline"))
+    yield url, proc.grpc_port
+    stop_server(proc, sink)
+
+
+@pytest.fixture(scope="module", params=["swift-diffusion", "swift-diffusion-baseline"])
+def kind(request):
+    """Each kind's (REST URL, gRPC port)."""
+    return request.getfixturevalue("swift")[:2] if request.param == "swift-diffusion" \
+        else request.getfixturevalue("baseline")
 
 
 def _v1(url, **fields):
@@ -231,3 +260,51 @@ def test_addons_come_from_the_object_store(served, s3, tmp_path):
     assert report["controlnet"]["cache"] == "miss"
     with pytest.raises(Exception, match="unknown lora 'sepia'"):
         model._request(["x"], {"loras": [{"name": "sepia"}]})
+
+
+# ------------------------------------------------------------------------ both kinds: tritonclient and fuzzing
+
+
+def test_tritonclient_reads_the_metadata_and_infers_over_rest_binary_and_grpc(kind):
+    import tritonclient.http as httpclient
+
+    url, grpc_port = kind
+    meta = _http(url).get_model_metadata("swift")
+    assert_metadata_declared(meta)
+    assert {"prompt", "lora_name", "control_image"} <= {i["name"] for i in meta["inputs"]}
+    want = base64.b64decode(_v1(url, steps=2).json()["predictions"][0]["image_png_b64"])
+    inputs = [httpclient.InferInput("prompt", [1], "BYTES"), httpclient.InferInput("steps", [1], "INT32"),
+              httpclient.InferInput("seed", [1], "INT64")]
+    for x, value in zip(inputs, (np.array([b"a bright square"], np.object_), np.array([2], np.int32),
+                                 np.array([1], np.int64))):
+        x.set_data_from_numpy(value, binary_data=True)
+    out = _http(url).infer("swift", inputs, outputs=[httpclient.InferRequestedOutput("image", binary_data=True)])
+    assert out.as_numpy("image")[0] == want
+    r = _grpc(grpc_port, "swift", inputs=[{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a square"]},
+                                          {"name": "steps", "datatype": "INT32", "shape": [1], "data": [2]},
+                                          {"name": "lora_name", "datatype": "BYTES", "shape": [1], "data": ["ink"]}])
+    assert "error" not in r, r
+    assert_metadata_declared(r["metadata"])
+    assert base64.b64decode(r["outputs"]["image"][0]).startswith(b"\x89PNG")
+
+
+SWIFT_FIELDS = {**SD_FIELDS, "steps": st.integers(-1, 12),
+                "loras": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["ink", "bold", "alien", "sepia"])},
+                                                        optional={"scale": st.floats(-1, 3)}), max_size=3),
+                "controlnet": st.fixed_dictionaries({"name": st.sampled_from(["edges", "canny"]),
+                                                     "image": st.sampled_from([EDGES, _wrong_size(), "eA=="])},
+                                                    optional={"scale": st.floats(-1, 3)})}
+SWIFT_V2 = ["prompt", "steps", "guidance", "seed", "negative_prompt", "lora_name", "lora_scale", "controlnet",
+            "control_image", "controlnet_scale"]
+
+
+@FUZZ
+@given(v1=_v1_bodies(SWIFT_FIELDS), v2=_v2_bodies(SWIFT_V2), headers=HEADERS, raw=RAW, which=st.booleans())
+def test_fuzz_answers_4xx_never_5xx(kind, v1, v2, headers, raw, which):
+    fuzz_model(kind[0], "swift", v1, v2, headers, raw, which)
+
+
+def test_still_serves_after_fuzzing(kind):
+    url, _ = kind
+    assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+    assert _v1(url, steps=1, loras=[{"name": "ink"}]).status_code == 200
