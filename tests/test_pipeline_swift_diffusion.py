@@ -1,6 +1,7 @@
 """The swift-diffusion pipeline's parameter checks and its steps, run in-process on an untrained 16 px base and a few
 MNIST images (seconds): add-on training, evaluation against the base, the registered add-on store, and the serving
-evaluation that assembles the runtime release the predictor serves."""
+evaluation that assembles the runtime release the predictor serves. The whole DAG runs once, in containers
+(tests/integration/test_swift_diffusion_in_containers.py)."""
 
 from __future__ import annotations
 

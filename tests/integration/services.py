@@ -209,7 +209,9 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 osd crush chooseleaf type = 0
 osd objectstore = memstore
-memstore device bytes = 1073741824
+# The whole suite writes over 1 GiB; a full OSD makes every write wait (RGW then answers nothing). Memory is taken
+# only as objects are written.
+memstore device bytes = 8589934592
 run dir = {d}/run
 pid file = {d}/run/$name.pid
 log file = {d}/log/$name.log
