@@ -41,8 +41,11 @@ def small(pipe, plan):
 def test_candidates_are_the_resnet_and_attention_blocks(pipe):
     from distillery.papers.hybrid_sd import pruning
 
-    kinds = [c.kind for c in pruning.candidates(pipe.unet)]
+    kinds = [c.kind for c in pruning.candidates(pipe.unet, remove_mid_block=False)]
     assert kinds.count("resnet") == 8 and kinds.count("attention") == 4
+    # The mid block (2 ResNet blocks, 1 attention block) is removed whole by default: its layers are not scored.
+    names = [c.name for c in pruning.candidates(pipe.unet)]
+    assert len(names) == 9 and not any(n.startswith("mid_block") for n in names)
 
 
 def test_pruning_shrinks_as_configured_and_keeps_the_model_runnable(pipe, plan, small):
@@ -62,12 +65,38 @@ def test_pruning_shrinks_as_configured_and_keeps_the_model_runnable(pipe, plan, 
             for a_t, a_s in zip(pruning._attentions(t), pruning._attentions(s)):
                 assert a_s.heads == max(1, round(a_t.heads * ratio)) < a_t.heads
                 assert a_s.to_q.out_features == a_s.heads * (a_t.to_q.out_features // a_t.heads)
+            for f_t, f_s in zip(pruning._feed_forwards(t), pruning._feed_forwards(s)):  # GEGLU: value + gate rows
+                units = round(f_t.net[2].in_features * ratio)
+                assert f_s.net[2].in_features == units and f_s.net[0].proj.out_features == 2 * units
+                assert f_s.net[2].out_features == f_t.net[2].out_features
+    assert small.mid_block is None and pipe.unet.mid_block is not None  # BK-SDM-Small: the mid block is gone
     assert pruning.param_count(small) == pruning.planned_params(pipe.unet, plan) < pruning.param_count(pipe.unet)
     assert pruning.param_count(pipe.unet) == 3_357_444  # the teacher itself is untouched
+    assert pruning.param_count(small) <= 0.5 * pruning.param_count(pipe.unet)
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 384)
     with torch.no_grad():
         out = small(x, t, encoder_hidden_states=c).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_default_tiers_halve_the_unet_whatever_the_scores(pipe):
+    """Every way the scores can tier the candidates (a third each at 0.25/0.5/0.75) leaves <= 0.5x the
+    parameters; without the mid block's removal even the best tiering would not."""
+    import itertools
+
+    from distillery.papers.hybrid_sd import pruning
+
+    unet, total = pipe.unet, pruning.param_count(pipe.unet)
+    names = [c.name for c in pruning.candidates(unet)]
+    base = pruning.planned_params(unet, {})
+    removed = {(n, r): base - pruning.planned_params(unet, {n: r}) for n in names for r in pruning.TIER_RATIOS}
+    worst = max(base - sum(removed[n, r] for n, r in zip(names, perm))  # a layer's removal is independent
+                for perm in set(itertools.permutations(pruning.TIER_RATIOS * 3)))
+    assert worst <= 0.5 * total
+    assert base < 0.7 * total  # the mid block alone is about a third of the UNet
+    everything = [c.name for c in pruning.candidates(unet, remove_mid_block=False)]
+    tiers = {n: pruning.TIER_RATIOS[i % 3] for i, n in enumerate(everything)}
+    assert pruning.planned_params(unet, tiers, remove_mid_block=False) > 0.5 * total  # pruning alone falls short
 
 
 def test_pruned_unet_loads_with_from_pretrained_in_a_fresh_process(small, tmp_path):
@@ -84,13 +113,27 @@ def test_pruned_unet_loads_with_from_pretrained_in_a_fresh_process(small, tmp_pa
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), want)
 
 
+def test_a_unet_pruned_before_feed_forward_pruning_still_builds(pipe):
+    """Releases saved before the feed-forward was pruned have no "ff" entry and keep their mid block."""
+    from distillery.papers.hybrid_sd import pruning
+
+    name = "down_blocks.0.attentions.0"
+    config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    old = pruning.PrunedUNet2DConditionModel(**config, pruned_layers={name: {"heads": [4, 4]}})
+    block = dict(old.named_modules())[name]
+    assert old.mid_block is not None and pruning._attentions(block)[0].heads == 4
+    assert pruning._feed_forwards(block)[0].net[2].in_features == 256  # untouched
+
+
 def test_uniform_plan_matches_the_parameter_count(pipe, small):
     from distillery.papers.hybrid_sd import pruning
 
     target = pruning.param_count(small)
     uniform = pruning.uniform_plan(pipe.unet, target)
-    assert len(set(uniform.values())) == 1
+    assert len(set(uniform.values())) == 1 and set(uniform) == {c.name for c in pruning.candidates(pipe.unet)}
     assert abs(pruning.planned_params(pipe.unet, uniform) - target) / target < 0.05
+    baseline = pruning.prune(pipe.unet, uniform)  # the same blocks removed, one ratio everywhere else
+    assert baseline.mid_block is None and pruning.param_count(baseline) == pruning.planned_params(pipe.unet, uniform)
 
 
 def test_tiers_follow_the_scores():
@@ -157,6 +200,7 @@ def test_kd_and_tiny_vae_losses_train_and_log_every_term(pipe, small, tmp_path):
                                             distill.KDConfig(steps=2, batch_size=2), on_log=lambda m, s: logged.append(m),
                                             log_every=1)
     assert {"loss_denoise", "loss_out_kd", "loss_feat_kd"} <= set().union(*logged)
+    assert "mid_block" not in distill.feature_blocks(small) and "mid_block" in distill.feature_blocks(pipe.unet)
     assert all(np.isfinite(v) for v in metrics.values())
     metrics = distill.train_tiny_vae(tmp_path / "teacher", ds, tmp_path / "vae",
                                      distill.TinyVAEConfig(steps=2, batch_size=2, channels=8),

@@ -59,9 +59,11 @@ def prune(*, teacher_dir: str, scores: list, tiered_dir: str, uniform_dir: str) 
         merged.update(json.loads(part) if isinstance(part, str) else part)
     pipe = _teacher(teacher_dir)
     expected = {c.name for c in pruning.candidates(pipe.unet)}
-    if set(merged) != expected:
+    known = {c.name for c in pruning.candidates(pipe.unet, remove_mid_block=False)}
+    if not expected <= set(merged) <= known:
         raise ValueError(f"scores must cover every candidate layer once; missing {sorted(expected - set(merged))}, "
-                         f"unknown {sorted(set(merged) - expected)}")
+                         f"unknown {sorted(set(merged) - known)}")
+    merged = {k: v for k, v in merged.items() if k in expected}  # a removed block's layers need no tier
     plan = pruning.tiered_plan(merged)
     tiered = pruning.prune(pipe.unet, plan)
     uniform_ratios = pruning.uniform_plan(pipe.unet, pruning.param_count(tiered))
@@ -71,6 +73,7 @@ def prune(*, teacher_dir: str, scores: list, tiered_dir: str, uniform_dir: str) 
     mlflow.log_dict({"scores": merged, "tiered": plan, "uniform": uniform_ratios}, "pruning_plan.json")
     teacher_params, teacher_flops = pruning.param_count(pipe.unet), unet_flops(pipe.unet)
     return {"teacher_params": float(teacher_params), "pruned_params": float(pruning.param_count(tiered)),
+            "mid_block_removed": float(tiered.mid_block is None),
             "uniform_params": float(pruning.param_count(uniform)),
             "params_ratio": pruning.param_count(tiered) / teacher_params,
             "teacher_flops": teacher_flops, "pruned_flops": unet_flops(tiered), "uniform_flops": unet_flops(uniform),

@@ -1,8 +1,9 @@
 """BK-SDM knowledge distillation of the pruned UNet from its teacher, and the lightweight VAE (Hybrid SD).
 
 KD: L = w_denoise * MSE(eps_s, eps) + w_out * MSE(eps_s, eps_t) + w_feat * sum_b MSE(f_s^b, f_t^b), the features
-taken by forward hooks at the output of every down block, the mid block and every up block (pruning keeps block
-widths, so student and teacher features match one to one). All weights are 1, as in the paper.
+taken by forward hooks at the output of every down block, the mid block and every up block that the student still
+has (pruning keeps block widths, so those match the teacher's one to one; a removed mid block has no term, as in
+BK-SDM). All weights are 1, as in the paper.
 
 Tiny VAE: a diffusers `AutoencoderTiny` (TAESD's architecture) working in the teacher's diffusion latent space
 (scaling_factor 1). Its encoder is trained with L1 to the teacher VAE's scaled posterior mean; its decoder on those
@@ -51,7 +52,9 @@ class KDConfig:
 
 
 def feature_blocks(unet) -> list[str]:
-    return ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+    """The blocks whose outputs are matched: a removed mid block (`mid_block_type: null`) is left out."""
+    mid = ["mid_block"] if unet.mid_block is not None else []
+    return ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + mid
             + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))])
 
 

@@ -1,11 +1,17 @@
-"""Significance-scored, tiered structural pruning of a Stable Diffusion UNet (Hybrid SD).
+"""Significance-scored, tiered structural pruning of a Stable Diffusion UNet (Hybrid SD), plus BK-SDM's block removal.
 
-Candidate layers are the UNet's ResNet blocks and its attention (Transformer2D) blocks. A ResNet block loses
+Block removal (BK-SDM-Small): the mid block (its two ResNet blocks and its attention block) is dropped whole, so
+the deepest down block feeds the first up block directly. diffusers expresses this in the config
+(`mid_block_type: null`); the KD then matches features only at the blocks the student still has.
+
+Candidate layers are the remaining ResNet blocks and attention (Transformer2D) blocks. A ResNet block loses
 inner channels: the output channels of conv1 and of the time-embedding projection, the channels of norm2 and the
 input channels of conv2, keeping the conv1 filters with the largest L2 norm, rounded to a multiple of norm2's
 group count so the GroupNorm keeps its groups. An attention block loses heads of its self- and cross-attention
-(query/key/value rows and output-projection columns of each removed head). Block inputs and outputs keep their
-width, so every skip connection and the saved config stay as they were.
+(query/key/value rows and output-projection columns of each removed head) and, at the same keep ratio, hidden
+units of each transformer block's feed-forward (GEGLU: a unit is a pair of rows of the projection, its value and
+its gate, and one column of the output layer). Block inputs and outputs keep their width, so every skip
+connection stays as it was.
 
 Keep ratios come from a significance score: one candidate at a time is pruned to 0.5, latents are generated for a
 fixed prompt set with fixed seeds, and score = ||mean_base - mean_pruned|| + ||std_base - std_pruned||. The least
@@ -28,6 +34,8 @@ from torch import nn
 
 TIER_RATIOS = (0.25, 0.5, 0.75)  # least significant third, middle third, most significant third
 PROBE_RATIO = 0.5  # each candidate is pruned to this to score it
+REMOVE_MID_BLOCK = True  # BK-SDM-Small: the mid block goes whole, whatever the scores
+MID = "mid_block"
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,17 @@ class Candidate:
     kind: str  # "resnet" or "attention"
 
 
-def candidates(unet) -> list[Candidate]:
-    """Every ResNet block and attention block of the UNet, in module order."""
+def _in_mid(name: str) -> bool:
+    return name == MID or name.startswith(MID + ".")
+
+
+def candidates(unet, *, remove_mid_block: bool = REMOVE_MID_BLOCK) -> list[Candidate]:
+    """Every ResNet block and attention block of the UNet, in module order (those of the mid block only if it
+    stays: a block that is removed anyway needs no score)."""
     out = []
     for name, module in unet.named_modules():
         kind = {"ResnetBlock2D": "resnet", "Transformer2DModel": "attention"}.get(type(module).__name__)
-        if kind:
+        if kind and not (remove_mid_block and _in_mid(name)):
             out.append(Candidate(name, kind))
     return out
 
@@ -50,13 +63,22 @@ def _attentions(block) -> list:
     return [m for m in block.modules() if type(m).__name__ == "Attention"]
 
 
+def _feed_forwards(block) -> list:
+    return [m for m in block.modules() if type(m).__name__ == "FeedForward"]
+
+
+def _ff_units(ff) -> int:
+    return ff.net[-1].in_features  # hidden units (GEGLU's projection has two rows per unit)
+
+
 def _round_channels(channels: int, ratio: float, groups: int) -> int:
     """Kept channels: ratio of the width, rounded to a multiple of the GroupNorm group count (at least one group)."""
     return int(max(groups, min(channels, round(channels * ratio / groups) * groups)))
 
 
-def _kept_heads(heads: int, ratio: float) -> int:
-    return int(max(1, min(heads, round(heads * ratio))))
+def _kept_units(units: int, ratio: float) -> int:
+    """Kept heads or feed-forward units: ratio of them, rounded, at least one."""
+    return int(max(1, min(units, round(units * ratio))))
 
 
 def layer_shapes(unet, plan: dict[str, float]) -> dict[str, dict]:
@@ -68,7 +90,8 @@ def layer_shapes(unet, plan: dict[str, float]) -> dict[str, dict]:
         if type(m).__name__ == "ResnetBlock2D":
             shapes[name] = {"channels": _round_channels(m.conv1.out_channels, ratio, m.norm2.num_groups)}
         else:
-            shapes[name] = {"heads": [_kept_heads(a.heads, ratio) for a in _attentions(m)]}
+            shapes[name] = {"heads": [_kept_units(a.heads, ratio) for a in _attentions(m)],
+                            "ff": [_kept_units(_ff_units(f), ratio) for f in _feed_forwards(m)]}
     return shapes
 
 
@@ -120,14 +143,49 @@ def _prune_heads(attn, keep: int) -> None:
     attn.heads, attn.inner_dim = keep, len(rows)
 
 
-def prune(unet, plan: dict[str, float]):
-    """A pruned copy of `unet` (the teacher is left untouched) as a `PrunedUNet2DConditionModel`."""
-    unknown = sorted(set(plan) - {c.name for c in candidates(unet)})
+def _prune_ff(ff, keep: int) -> None:
+    """torch-pruning groups the projection's value and gate rows of a unit (it traces GEGLU's chunk) with the
+    output layer's column; a unit is kept by the L2 norm of those rows and that column."""
+    import torch_pruning as tp
+
+    units, proj, out = _ff_units(ff), ff.net[0].proj, ff.net[-1]
+    if keep >= units:
+        return
+    rows = proj.weight.detach().view(-1, units, proj.in_features).pow(2).sum((0, 2))  # value + gate rows of a unit
+    score = rows + out.weight.detach().pow(2).sum(0)
+    idxs = score.argsort()[:units - keep].tolist()
+    graph = tp.DependencyGraph().build_dependency(ff, example_inputs=torch.zeros(1, 2, proj.in_features))
+    graph.get_pruning_group(out, tp.prune_linear_in_channels, idxs=idxs).prune()
+
+
+def _build_config(unet, remove_mid_block: bool) -> dict:
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k != "pruned_layers"}
+    if remove_mid_block:
+        config["mid_block_type"] = None
+    return config
+
+
+def _all_shapes(unet, plan: dict[str, float], remove_mid_block: bool) -> dict[str, dict]:
+    """`pruned_layers` of the result: what `unet` already had (less a removed mid block's) plus this plan's."""
+    previous = dict(getattr(unet.config, "pruned_layers", None) or {})
+    if remove_mid_block:
+        previous = {k: v for k, v in previous.items() if not _in_mid(k)}
+    return {**previous, **layer_shapes(unet, plan)}
+
+
+def _check_plan(unet, plan: dict[str, float], remove_mid_block: bool) -> None:
+    unknown = sorted(set(plan) - {c.name for c in candidates(unet, remove_mid_block=remove_mid_block)})
     if unknown:
         raise ValueError(f"not prunable candidate layers of this UNet: {unknown}")
     bad = {k: v for k, v in plan.items() if not 0 < float(v) <= 1}
     if bad:
         raise ValueError(f"keep ratios must lie in (0, 1], got {bad}")
+
+
+def prune(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_BLOCK):
+    """A pruned copy of `unet` (the teacher is left untouched) as a `PrunedUNet2DConditionModel`; without its mid
+    block unless `remove_mid_block` is False (as when one candidate is probed for its score)."""
+    _check_plan(unet, plan, remove_mid_block)
     shapes = layer_shapes(unet, plan)
     work = copy.deepcopy(unet).eval()
     modules = dict(work.named_modules())
@@ -137,10 +195,12 @@ def prune(unet, plan: dict[str, float]):
         else:
             for attn, keep in zip(_attentions(modules[name]), shape["heads"]):
                 _prune_heads(attn, keep)
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k != "pruned_layers"}
-    previous = dict(getattr(unet.config, "pruned_layers", None) or {})
-    pruned = PrunedUNet2DConditionModel(**config, pruned_layers={**previous, **shapes})
-    pruned.load_state_dict(work.state_dict(), strict=True)
+            for ff, keep in zip(_feed_forwards(modules[name]), shape.get("ff", [])):
+                _prune_ff(ff, keep)
+    pruned = PrunedUNet2DConditionModel(**_build_config(unet, remove_mid_block),
+                                        pruned_layers=_all_shapes(unet, plan, remove_mid_block))
+    state = {k: v for k, v in work.state_dict().items() if not (remove_mid_block and _in_mid(k))}
+    pruned.load_state_dict(state, strict=True)
     return pruned.eval()
 
 
@@ -171,13 +231,19 @@ def _reshape(unet, pruned_layers: dict) -> None:
                 old = attn.to_out[0]
                 attn.to_out[0] = nn.Linear(inner, old.out_features, bias=old.bias is not None)
                 attn.heads, attn.inner_dim = int(heads), inner
+            for ff, units in zip(_feed_forwards(m), shape.get("ff", [])):  # absent in UNets saved before
+                proj, out = ff.net[0].proj, ff.net[-1]
+                rows = proj.out_features // out.in_features * int(units)  # GEGLU: value and gate rows
+                ff.net[0].proj = nn.Linear(proj.in_features, rows, bias=proj.bias is not None)
+                ff.net[-1] = nn.Linear(int(units), out.out_features, bias=out.bias is not None)
 
 
 def _pruned_class():
     from diffusers import UNet2DConditionModel
 
     class PrunedUNet2DConditionModel(UNet2DConditionModel):
-        """A UNet2DConditionModel whose listed ResNet blocks / attention blocks are narrower (see module doc)."""
+        """A UNet2DConditionModel whose listed ResNet blocks / attention blocks are narrower (see module doc); a
+        removed mid block is the base class's own `mid_block_type=None`."""
 
         def __init__(self, *args, pruned_layers: dict | None = None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -216,34 +282,25 @@ def param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def planned_params(unet, plan: dict[str, float]) -> int:
-    """Parameter count `prune(unet, plan)` will have, computed from shapes alone (no pruning)."""
-    modules = dict(unet.named_modules())
-    removed = 0
-    for name, shape in layer_shapes(unet, plan).items():
-        m = modules[name]
-        if "channels" in shape:
-            drop = m.conv1.out_channels - shape["channels"]
-            per = m.conv1.in_channels * m.conv1.weight[0, 0].numel() + 1 + 2  # conv1 filter + bias, norm2 w + b
-            per += (m.time_emb_proj.in_features + 1) if m.time_emb_proj is not None else 0
-            per += m.conv2.out_channels * m.conv2.weight[0, 0].numel()
-            removed += drop * per
-        else:
-            for attn, keep in zip(_attentions(m), shape["heads"]):
-                dim = attn.to_q.out_features // attn.heads
-                per = sum(lin.in_features + (lin.bias is not None) for lin in (attn.to_q, attn.to_k, attn.to_v))
-                per += attn.to_out[0].out_features
-                removed += (attn.heads - keep) * dim * per
-    return param_count(unet) - removed
+def planned_params(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_BLOCK) -> int:
+    """Parameter count `prune(unet, plan)` will have: the pruned architecture built on the meta device (shapes
+    only, no weights, no pruning)."""
+    _check_plan(unet, plan, remove_mid_block)
+    with torch.device("meta"):
+        model = PrunedUNet2DConditionModel(**_build_config(unet, remove_mid_block),
+                                           pruned_layers=_all_shapes(unet, plan, remove_mid_block))
+    return param_count(model)
 
 
-def uniform_plan(unet, target_params: int, names: list[str] | None = None) -> dict[str, float]:
-    """One keep ratio for every candidate, the one whose pruned UNet is closest to `target_params`."""
-    names = names or [c.name for c in candidates(unet)]
+def uniform_plan(unet, target_params: int, names: list[str] | None = None, *,
+                 remove_mid_block: bool = REMOVE_MID_BLOCK) -> dict[str, float]:
+    """One keep ratio for every candidate, the one whose pruned UNet (with the same blocks removed) is closest to
+    `target_params`."""
+    names = names or [c.name for c in candidates(unet, remove_mid_block=remove_mid_block)]
     best = None
     for i in range(1, 101):  # rounding to groups/heads makes the count a step function: scan, don't bisect
         plan = {n: i / 100 for n in names}
-        gap = abs(planned_params(unet, plan) - target_params)
+        gap = abs(planned_params(unet, plan, remove_mid_block=remove_mid_block) - target_params)
         if best is None or gap < best[0]:
             best = (gap, plan)
     return best[1]
@@ -280,7 +337,7 @@ def score_candidate(pipe, name: str, prompts: list[str], seeds: list[int], *, st
 
     if base_latents is None:
         base_latents = generate_latents(pipe, pipe.unet, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
-    pruned = prune(pipe.unet, {name: PROBE_RATIO})
+    pruned = prune(pipe.unet, {name: PROBE_RATIO}, remove_mid_block=False)  # this candidate alone
     latents = generate_latents(pipe, pruned, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
     return {"layer": name, "score": significance(latent_stats(base_latents), latents),
             "params_removed": param_count(pipe.unet) - param_count(pruned)}
