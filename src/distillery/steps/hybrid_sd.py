@@ -153,9 +153,10 @@ def evaluate(*, teacher_dir: str, small_dir: str, uniform_dir: str, tiny_vae_dir
     Path(table_path).write_text("# Hybrid SD: quality per split\n\n" + table)
     mlflow.log_text(table, "split_table.md")
 
+    large_step_s, small_step_s = ev.unet_step_seconds_pair(pipe.unet, small)
     costs = {"large_params": float(pruning.param_count(pipe.unet)), "small_params": float(pruning.param_count(small)),
              "tiny_vae_params": float(pruning.param_count(tiny_vae)), "vae_params": float(pruning.param_count(pipe.vae)),
-             "large_step_s": ev.unet_step_seconds(pipe.unet), "small_step_s": ev.unet_step_seconds(small),
+             "large_step_s": large_step_s, "small_step_s": small_step_s,
              "large_flops": ev.unet_flops(pipe.unet), "small_flops": ev.unet_flops(small)}
     costs["params_ratio"] = costs["small_params"] / costs["large_params"]
     costs["step_latency_ratio"] = costs["small_step_s"] / costs["large_step_s"]

@@ -50,6 +50,21 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
 
 
 @torch.no_grad()
+def paired_seconds(fn_a, fn_b, repeats: int = 9, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of two calls timed in alternation: on a shared machine, load that comes and goes hits both
+    alike, where two medians taken one after the other can see different loads and swing their ratio."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((fn_a, fn_b), times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+@torch.no_grad()
 def unet_step_seconds(unet, batch: int = 2, tokens: int = 8) -> float:
     """CPU time of one sampling step (batch 2: the guided and unguided rows of one image)."""
     x, t, c = unet_inputs(unet, batch, tokens)
@@ -57,14 +72,22 @@ def unet_step_seconds(unet, batch: int = 2, tokens: int = 8) -> float:
 
 
 @torch.no_grad()
+def unet_step_seconds_pair(large, small, batch: int = 2, tokens: int = 8) -> tuple[float, float]:
+    """`unet_step_seconds` of two UNets on the same inputs, timed in alternation (`paired_seconds`)."""
+    x, t, c = unet_inputs(large, batch, tokens)
+    return paired_seconds(lambda: large(x, t, encoder_hidden_states=c), lambda: small(x, t, encoder_hidden_states=c))
+
+
+@torch.no_grad()
 def vae_report(teacher_vae, tiny_vae, images: np.ndarray) -> dict:
-    """Decode time per image batch and reconstruction PSNR of both VAEs on the same held-out images."""
+    """Decode time per image batch (timed in alternation) and reconstruction PSNR of both VAEs on the same
+    held-out images."""
     from distillery.models.tiny_sd import encode_latents, to_tensor
 
     x = to_tensor(images)
     z, _ = encode_latents(teacher_vae, images)  # teacher latents in diffusion space
-    t_teacher = median_seconds(lambda: teacher_vae.decode(z / teacher_vae.config.scaling_factor))
-    t_tiny = median_seconds(lambda: tiny_vae.decode(z / tiny_vae.config.scaling_factor))
+    t_teacher, t_tiny = paired_seconds(lambda: teacher_vae.decode(z / teacher_vae.config.scaling_factor),
+                                       lambda: tiny_vae.decode(z / tiny_vae.config.scaling_factor))
 
     def psnr(rec):
         mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).mean((1, 2, 3)).clamp(min=1e-10)
