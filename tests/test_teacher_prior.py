@@ -70,6 +70,33 @@ def test_privileged_information_never_reaches_the_student_or_the_discriminator()
         disc(torch.zeros(1, TINY.teacher_dim), torch.zeros(1, TINY.teacher_dim))
 
 
+def test_task_reward_pays_tracking_the_command_clearly_more_than_standing_still():
+    """Walking at the commanded velocity earns several times what standing upright does, at every command of the
+    range; missing the command either way costs; falling loses the alive bonus. The environment's reward is this
+    function (a few steps of it, recomputed from what step reports)."""
+    from distillery.papers.teacher_prior.env import ALIVE_BONUS, PROGRESS_WEIGHT, task_reward
+
+    still = np.zeros(ACT)
+    commands = np.linspace(*TINY.command, 21)
+    walking = task_reward(True, commands, commands, still)
+    standing = task_reward(True, 0.0, commands, still)
+    assert walking == pytest.approx(np.full(21, ALIVE_BONUS + 1.0 + PROGRESS_WEIGHT))
+    assert (walking - standing >= 1.0).all() and walking.mean() >= 3 * standing.mean()
+    assert (task_reward(True, commands + 0.5, commands, still) < walking).all()  # overshooting pays no more
+    assert (task_reward(True, commands - 0.5, commands, still) < walking).all()
+    assert (task_reward(True, -0.3, commands, still) < standing).all()  # walking backwards pays less than standing
+    assert (task_reward(False, commands, commands, still) == pytest.approx(walking - ALIVE_BONUS))
+    assert task_reward(True, 1.0, 1.0, np.ones(ACT)) < task_reward(True, 1.0, 1.0, still)
+
+    env = TerrainVecEnv(TINY, 2, seed=0)
+    env.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        action = rng.uniform(-1, 1, (2, ACT))
+        _, r, term, _, info = env.step(action)
+        np.testing.assert_allclose(r, task_reward(~term, info["x_velocity"], info["command"], action), rtol=1e-6)
+
+
 def test_config_checks_report_every_problem():
     with pytest.raises(ValueError, match="friction range.*history >= 1"):
         replace(TINY, friction=(1.5, 0.5), history=0).check()

@@ -3,7 +3,15 @@ noisy proprioception trained with an adversarial teacher-motion prior and an aux
 
 The paper's exact losses are not public; this is the standard adversarial-motion-prior (AMP) form.
 
-Teacher: PPO (`rl.ppo`) on o_T = (proprio, last action, command, privileged), reward r_task (`env`).
+Task reward, the same for the teacher and every student (`env.task_reward`), per control step:
+
+    r_task = 0.5 1[alive] + exp(-(vx - v_cmd)^2 / 0.25) + 0.5 min(vx, v_cmd) / v_cmd - 1e-3 |a|^2
+
+vx the torso's forward velocity, v_cmd the episode's command (0.5-1.5 m/s), a the action: a velocity-tracking kernel
+(sigma = 0.25 (m/s)^2, half the command range squared), forward progress paid up to the command, and a small alive
+bonus, so walking at the command (2.0 per step) pays 3.5x standing still (0.57 averaged over the commands).
+
+Teacher: PPO (`rl.ppo`) on o_T = (proprio, last action, command, privileged), reward r_task.
 
 Student policy pi(a | o_S), o_S = the last H frames (noisy proprio p~, last action, command): no privileged input.
 Discriminator D(s, s') on proprioceptive transitions only, s = p~_t, s' = p~_{t+1} (14 + 14 features), teacher = real
