@@ -2,11 +2,12 @@
 
 The teacher is a tiny-sd model trained here from the image+caption data (colour emoji by default: a set on which a
 small model is visibly worse than the large one), or any diffusers Stable Diffusion pipeline imported by URI. Its
-UNet loses the mid block whole (BK-SDM-Small); each remaining candidate layer (ResNet and attention blocks) is
-scored by how much pruning it alone to half changes the statistics of generated latents, scored in parallel shards.
-The least significant third keeps 25% of its channels (or heads and feed-forward units), the next 50%, the rest
-75% (structural pruning, GroupNorm-aware); a UNet with the same block removed and one keep ratio everywhere, at the
-same parameter count, is the baseline. Both are fine-tuned with BK-SDM knowledge distillation (denoising, output and
+UNet loses, BK-SDM style, the mid block and the final up stage's last ResNet + attention pair; each remaining
+candidate layer (ResNet and attention blocks) is scored by how much pruning it alone to half changes the
+statistics of generated latents, scored in parallel shards. The least significant third keeps 25% of its channels
+(or heads and feed-forward units), the next 50%, the rest 75% (structural pruning, GroupNorm-aware); a UNet with
+the same blocks removed and one keep ratio everywhere, at the same parameter count, is the baseline. Both are
+fine-tuned with BK-SDM knowledge distillation (denoising, output and
 block-feature losses) on the same budget, while a lightweight VAE (AutoencoderTiny) learns the teacher's latent space
 with latent degradation and a hinge adversarial loss. Evaluation sweeps the split point k of N steps in both orders
 (large->small as Hybrid SD, small->large as T-Stitch) for FD, conditional accuracy and the large model's FLOPs. The

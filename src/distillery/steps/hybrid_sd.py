@@ -59,7 +59,7 @@ def prune(*, teacher_dir: str, scores: list, tiered_dir: str, uniform_dir: str) 
         merged.update(json.loads(part) if isinstance(part, str) else part)
     pipe = _teacher(teacher_dir)
     expected = {c.name for c in pruning.candidates(pipe.unet)}
-    known = {c.name for c in pruning.candidates(pipe.unet, remove_mid_block=False)}
+    known = {c.name for c in pruning.candidates(pipe.unet, remove_blocks=False)}
     if not expected <= set(merged) <= known:
         raise ValueError(f"scores must cover every candidate layer once; missing {sorted(expected - set(merged))}, "
                          f"unknown {sorted(set(merged) - known)}")

@@ -2,7 +2,7 @@
 
 KD: L = w_denoise * MSE(eps_s, eps) + w_out * MSE(eps_s, eps_t) + w_feat * sum_b MSE(f_s^b, f_t^b), the features
 taken by forward hooks at the output of every down block, the mid block and every up block that the student still
-has (pruning keeps block widths, so those match the teacher's one to one; a removed mid block has no term, as in
+has (pruning keeps block widths, so those match the teacher's one to one; a removed block has no term, as in
 BK-SDM). All weights are 1, as in the paper.
 
 Tiny VAE: a diffusers `AutoencoderTiny` (TAESD's architecture) working in the teacher's diffusion latent space

@@ -1,8 +1,11 @@
 """Significance-scored, tiered structural pruning of a Stable Diffusion UNet (Hybrid SD), plus BK-SDM's block removal.
 
-Block removal (BK-SDM-Small): the mid block (its two ResNet blocks and its attention block) is dropped whole, so
-the deepest down block feeds the first up block directly. diffusers expresses this in the config
-(`mid_block_type: null`); the KD then matches features only at the blocks the student still has.
+Block removal (BK-SDM style, whatever the scores): the mid block (its two ResNet blocks and its attention block) is
+dropped whole, as in BK-SDM-Small, so the deepest down block feeds the first up block directly (diffusers'
+`mid_block_type: null`); and the final up stage loses its last ResNet + attention pair, as BK-SDM removes one pair
+per up stage. That pair read the skip from conv_in, which then goes unused: the UNet hands an up block as many skips
+as it has ResNet blocks, last first, so the final stage is the one whose pair can go without re-routing a skip
+(`pruned_layers` records it as removed). The KD then matches features only at the blocks the student still has.
 
 Candidate layers are the remaining ResNet blocks and attention (Transformer2D) blocks. A ResNet block loses
 inner channels: the output channels of conv1 and of the time-embedding projection, the channels of norm2 and the
@@ -34,7 +37,7 @@ from torch import nn
 
 TIER_RATIOS = (0.25, 0.5, 0.75)  # least significant third, middle third, most significant third
 PROBE_RATIO = 0.5  # each candidate is pruned to this to score it
-REMOVE_MID_BLOCK = True  # BK-SDM-Small: the mid block goes whole, whatever the scores
+REMOVE_BLOCKS = True  # BK-SDM style: the mid block and the final up stage's last pair go, whatever the scores
 MID = "mid_block"
 
 
@@ -44,17 +47,31 @@ class Candidate:
     kind: str  # "resnet" or "attention"
 
 
-def _in_mid(name: str) -> bool:
-    return name == MID or name.startswith(MID + ".")
+def removed_blocks(unet) -> list[str]:
+    """What block removal takes out of this UNet: its mid block, and the final up stage's last ResNet block with
+    its attention block (if that stage has more than one)."""
+    out = [MID] if unet.mid_block is not None else []
+    i, last = len(unet.up_blocks) - 1, unet.up_blocks[-1]
+    if len(last.resnets) > 1:
+        j = len(last.resnets) - 1
+        out.append(f"up_blocks.{i}.resnets.{j}")
+        if getattr(last, "attentions", None):
+            out.append(f"up_blocks.{i}.attentions.{j}")
+    return out
 
 
-def candidates(unet, *, remove_mid_block: bool = REMOVE_MID_BLOCK) -> list[Candidate]:
-    """Every ResNet block and attention block of the UNet, in module order (those of the mid block only if it
-    stays: a block that is removed anyway needs no score)."""
+def _inside(name: str, blocks: list[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def candidates(unet, *, remove_blocks: bool = REMOVE_BLOCKS) -> list[Candidate]:
+    """Every ResNet block and attention block of the UNet, in module order (less the removed blocks' layers when
+    `remove_blocks`: what is removed anyway needs no score)."""
+    gone = removed_blocks(unet) if remove_blocks else []
     out = []
     for name, module in unet.named_modules():
         kind = {"ResnetBlock2D": "resnet", "Transformer2DModel": "attention"}.get(type(module).__name__)
-        if kind and not (remove_mid_block and _in_mid(name)):
+        if kind and not _inside(name, gone):
             out.append(Candidate(name, kind))
     return out
 
@@ -158,23 +175,24 @@ def _prune_ff(ff, keep: int) -> None:
     graph.get_pruning_group(out, tp.prune_linear_in_channels, idxs=idxs).prune()
 
 
-def _build_config(unet, remove_mid_block: bool) -> dict:
+def _build_config(unet, remove_blocks: bool) -> dict:
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") and k != "pruned_layers"}
-    if remove_mid_block:
+    if remove_blocks:
         config["mid_block_type"] = None
     return config
 
 
-def _all_shapes(unet, plan: dict[str, float], remove_mid_block: bool) -> dict[str, dict]:
-    """`pruned_layers` of the result: what `unet` already had (less a removed mid block's) plus this plan's."""
+def _all_shapes(unet, plan: dict[str, float], remove_blocks: bool) -> dict[str, dict]:
+    """`pruned_layers` of the result: what `unet` already had (less the removed blocks'), this plan's shapes, and
+    the removed ResNet/attention blocks of the up path (the mid block is the config's)."""
     previous = dict(getattr(unet.config, "pruned_layers", None) or {})
-    if remove_mid_block:
-        previous = {k: v for k, v in previous.items() if not _in_mid(k)}
-    return {**previous, **layer_shapes(unet, plan)}
+    gone = removed_blocks(unet) if remove_blocks else []
+    previous = {k: v for k, v in previous.items() if not _inside(k, gone)}
+    return {**previous, **layer_shapes(unet, plan), **{b: {"removed": True} for b in gone if b != MID}}
 
 
-def _check_plan(unet, plan: dict[str, float], remove_mid_block: bool) -> None:
-    unknown = sorted(set(plan) - {c.name for c in candidates(unet, remove_mid_block=remove_mid_block)})
+def _check_plan(unet, plan: dict[str, float], remove_blocks: bool) -> None:
+    unknown = sorted(set(plan) - {c.name for c in candidates(unet, remove_blocks=remove_blocks)})
     if unknown:
         raise ValueError(f"not prunable candidate layers of this UNet: {unknown}")
     bad = {k: v for k, v in plan.items() if not 0 < float(v) <= 1}
@@ -182,10 +200,10 @@ def _check_plan(unet, plan: dict[str, float], remove_mid_block: bool) -> None:
         raise ValueError(f"keep ratios must lie in (0, 1], got {bad}")
 
 
-def prune(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_BLOCK):
-    """A pruned copy of `unet` (the teacher is left untouched) as a `PrunedUNet2DConditionModel`; without its mid
-    block unless `remove_mid_block` is False (as when one candidate is probed for its score)."""
-    _check_plan(unet, plan, remove_mid_block)
+def prune(unet, plan: dict[str, float], *, remove_blocks: bool = REMOVE_BLOCKS):
+    """A pruned copy of `unet` (the teacher is left untouched) as a `PrunedUNet2DConditionModel`; without the
+    `removed_blocks` unless `remove_blocks` is False (as when one candidate is probed for its score)."""
+    _check_plan(unet, plan, remove_blocks)
     shapes = layer_shapes(unet, plan)
     work = copy.deepcopy(unet).eval()
     modules = dict(work.named_modules())
@@ -197,10 +215,10 @@ def prune(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_B
                 _prune_heads(attn, keep)
             for ff, keep in zip(_feed_forwards(modules[name]), shape.get("ff", [])):
                 _prune_ff(ff, keep)
-    pruned = PrunedUNet2DConditionModel(**_build_config(unet, remove_mid_block),
-                                        pruned_layers=_all_shapes(unet, plan, remove_mid_block))
-    state = {k: v for k, v in work.state_dict().items() if not (remove_mid_block and _in_mid(k))}
-    pruned.load_state_dict(state, strict=True)
+    pruned = PrunedUNet2DConditionModel(**_build_config(unet, remove_blocks),
+                                        pruned_layers=_all_shapes(unet, plan, remove_blocks))
+    gone = removed_blocks(unet) if remove_blocks else []
+    pruned.load_state_dict({k: v for k, v in work.state_dict().items() if not _inside(k, gone)}, strict=True)
     return pruned.eval()
 
 
@@ -210,10 +228,13 @@ def prune(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_B
 def _reshape(unet, pruned_layers: dict) -> None:
     """Build the narrower layers `pruned_layers` names (their weights come from the checkpoint)."""
     modules = dict(unet.named_modules())
-    for name, shape in pruned_layers.items():
-        m = modules.get(name)
-        if m is None:
+    for name in pruned_layers:
+        if name not in modules:
             raise ValueError(f"pruned layer {name!r} is not a module of this UNet")
+    for name, shape in pruned_layers.items():
+        m = modules[name]
+        if shape.get("removed"):
+            continue  # deleted below, once every name has been resolved
         if "channels" in shape:
             c = int(shape["channels"])
             m.conv1 = nn.Conv2d(m.conv1.in_channels, c, m.conv1.kernel_size, padding=m.conv1.padding)
@@ -236,14 +257,20 @@ def _reshape(unet, pruned_layers: dict) -> None:
                 rows = proj.out_features // out.in_features * int(units)  # GEGLU: value and gate rows
                 ff.net[0].proj = nn.Linear(proj.in_features, rows, bias=proj.bias is not None)
                 ff.net[-1] = nn.Linear(int(units), out.out_features, bias=out.bias is not None)
+    # Removed blocks leave their ModuleList, highest index first so the other indices hold.
+    removed = sorted((n for n, shape in pruned_layers.items() if shape.get("removed")),
+                     key=lambda n: int(n.rsplit(".", 1)[1]), reverse=True)
+    for name in removed:
+        parent, index = name.rsplit(".", 1)
+        del modules[parent][int(index)]
 
 
 def _pruned_class():
     from diffusers import UNet2DConditionModel
 
     class PrunedUNet2DConditionModel(UNet2DConditionModel):
-        """A UNet2DConditionModel whose listed ResNet blocks / attention blocks are narrower (see module doc); a
-        removed mid block is the base class's own `mid_block_type=None`."""
+        """A UNet2DConditionModel whose listed ResNet blocks / attention blocks are narrower or removed (see module
+        doc); a removed mid block is the base class's own `mid_block_type=None`."""
 
         def __init__(self, *args, pruned_layers: dict | None = None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -282,25 +309,25 @@ def param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def planned_params(unet, plan: dict[str, float], *, remove_mid_block: bool = REMOVE_MID_BLOCK) -> int:
+def planned_params(unet, plan: dict[str, float], *, remove_blocks: bool = REMOVE_BLOCKS) -> int:
     """Parameter count `prune(unet, plan)` will have: the pruned architecture built on the meta device (shapes
     only, no weights, no pruning)."""
-    _check_plan(unet, plan, remove_mid_block)
+    _check_plan(unet, plan, remove_blocks)
     with torch.device("meta"):
-        model = PrunedUNet2DConditionModel(**_build_config(unet, remove_mid_block),
-                                           pruned_layers=_all_shapes(unet, plan, remove_mid_block))
+        model = PrunedUNet2DConditionModel(**_build_config(unet, remove_blocks),
+                                           pruned_layers=_all_shapes(unet, plan, remove_blocks))
     return param_count(model)
 
 
 def uniform_plan(unet, target_params: int, names: list[str] | None = None, *,
-                 remove_mid_block: bool = REMOVE_MID_BLOCK) -> dict[str, float]:
+                 remove_blocks: bool = REMOVE_BLOCKS) -> dict[str, float]:
     """One keep ratio for every candidate, the one whose pruned UNet (with the same blocks removed) is closest to
     `target_params`."""
-    names = names or [c.name for c in candidates(unet, remove_mid_block=remove_mid_block)]
+    names = names or [c.name for c in candidates(unet, remove_blocks=remove_blocks)]
     best = None
     for i in range(1, 101):  # rounding to groups/heads makes the count a step function: scan, don't bisect
         plan = {n: i / 100 for n in names}
-        gap = abs(planned_params(unet, plan, remove_mid_block=remove_mid_block) - target_params)
+        gap = abs(planned_params(unet, plan, remove_blocks=remove_blocks) - target_params)
         if best is None or gap < best[0]:
             best = (gap, plan)
     return best[1]
@@ -337,7 +364,7 @@ def score_candidate(pipe, name: str, prompts: list[str], seeds: list[int], *, st
 
     if base_latents is None:
         base_latents = generate_latents(pipe, pipe.unet, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
-    pruned = prune(pipe.unet, {name: PROBE_RATIO}, remove_mid_block=False)  # this candidate alone
+    pruned = prune(pipe.unet, {name: PROBE_RATIO}, remove_blocks=False)  # this candidate alone
     latents = generate_latents(pipe, pruned, prompts, seeds, steps=steps, guidance_scale=guidance_scale)
     return {"layer": name, "score": significance(latent_stats(base_latents), latents),
             "params_removed": param_count(pipe.unet) - param_count(pruned)}
