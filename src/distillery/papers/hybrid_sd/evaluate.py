@@ -38,18 +38,6 @@ def unet_flops(unet, tokens: int = 8) -> float:
 
 
 @torch.no_grad()
-def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-@torch.no_grad()
 def paired_seconds(fn_a, fn_b, repeats: int = 9, warmup: int = 2) -> tuple[float, float]:
     """Median seconds of two calls timed in alternation: on a shared machine, load that comes and goes hits both
     alike, where two medians taken one after the other can see different loads and swing their ratio."""
@@ -65,15 +53,9 @@ def paired_seconds(fn_a, fn_b, repeats: int = 9, warmup: int = 2) -> tuple[float
 
 
 @torch.no_grad()
-def unet_step_seconds(unet, batch: int = 2, tokens: int = 8) -> float:
-    """CPU time of one sampling step (batch 2: the guided and unguided rows of one image)."""
-    x, t, c = unet_inputs(unet, batch, tokens)
-    return median_seconds(lambda: unet(x, t, encoder_hidden_states=c))
-
-
-@torch.no_grad()
 def unet_step_seconds_pair(large, small, batch: int = 2, tokens: int = 8) -> tuple[float, float]:
-    """`unet_step_seconds` of two UNets on the same inputs, timed in alternation (`paired_seconds`)."""
+    """CPU time of one sampling step (batch 2: the guided and unguided rows of one image) of two UNets on the same
+    inputs, timed in alternation (`paired_seconds`)."""
     x, t, c = unet_inputs(large, batch, tokens)
     return paired_seconds(lambda: large(x, t, encoder_hidden_states=c), lambda: small(x, t, encoder_hidden_states=c))
 
