@@ -26,7 +26,7 @@ import numpy as np
 from kserve.errors import InvalidInput
 
 from distillery.serving.batching import deadline_from
-from distillery.serving.server import ServedModel, register_kind, v2_array, v2_parameters
+from distillery.serving.server import ServedModel, binary_output, register_kind, v2_array, v2_parameters
 from distillery.serving.text_to_image import _text, png_bytes
 
 MAX_BATCH = 8
@@ -124,9 +124,7 @@ class _HybridModel(ServedModel):
         unknown = [o.name for o in payload.request_outputs or [] if o.name not in self.OUTPUTS]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {', '.join(self.OUTPUTS)}")
-        # KServe's own switch for the binary data extension (tritonclient sends it); not a model parameter.
-        params = {k: v for k, v in v2_parameters(payload).items() if k != "binary_data_output"}
-        req = self._request({i.name: i for i in payload.inputs}, params)
+        req = self._request({i.name: i for i in payload.inputs}, v2_parameters(payload))
         (arrays,) = await self.batcher.submit(None, [req], deadline_from(headers))
         return kserve.InferResponse(model_name=self.name, infer_outputs=_outputs(arrays, payload),
                                     response_id=payload.id or "", use_binary_outputs=payload.from_grpc
@@ -141,8 +139,7 @@ def _outputs(arrays: dict, request: kserve.InferRequest) -> list:
     for name, value in arrays.items():
         parameters = None
         if isinstance(value, list):
-            asked = [o for o in request.request_outputs or [] if o.name == name]
-            binary = request.from_grpc or (bool(asked[0].binary_data) if asked else request.use_binary_outputs)
+            binary = binary_output(request, name)
             value = np.array(value if binary else [base64.b64encode(v) for v in value], dtype=np.object_)
             parameters = {"content_type": "image/png" if binary else "image/png;base64"}
         datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}.get(value.dtype, "BYTES")

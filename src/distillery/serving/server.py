@@ -205,11 +205,23 @@ def v2_array(inp, datatypes: tuple[str, ...]) -> np.ndarray:
 
 
 def v2_parameters(request) -> dict:
-    """A V2 request's parameters as plain values (gRPC hands over InferParameter messages)."""
+    """A V2 request's parameters as plain values (gRPC hands over InferParameter messages), less KServe's own switch
+    for the binary data extension (`binary_data_output`, which tritonclient sends): it is not a model parameter."""
     from kserve.protocol.infer_type import to_http_parameters
 
     params = request.parameters or {}
-    return dict(to_http_parameters(params)) if request.from_grpc else dict(params)
+    params = dict(to_http_parameters(params)) if request.from_grpc else dict(params)
+    params.pop("binary_data_output", None)
+    return params
+
+
+def binary_output(request, name: str) -> bool:
+    """Whether output `name` goes as raw bytes: always over gRPC; over REST as the request asks for that output
+    (`binary_data`), else for every output (`binary_data_output`)."""
+    if request.from_grpc:
+        return True
+    asked = [o for o in request.request_outputs or [] if o.name == name]
+    return bool(asked[0].binary_data) if asked else bool(request.use_binary_outputs)
 
 
 def detect_kind(model_dir: Path) -> str:

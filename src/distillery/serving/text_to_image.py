@@ -26,7 +26,7 @@ import numpy as np
 from kserve.errors import InvalidInput
 
 from distillery.serving.batching import deadline_from
-from distillery.serving.server import ServedModel, register_kind, v2_array, v2_parameters
+from distillery.serving.server import ServedModel, binary_output, register_kind, v2_array, v2_parameters
 
 DEFAULTS = {"default_steps": 25, "max_steps": 100, "max_batch": 8, "default_guidance": 3.0, "max_guidance": 20.0,
             "max_prompt_chars": 500}
@@ -182,13 +182,10 @@ class TextToImageModel(ServedModel):
         if any(o.name != "image" for o in requested):
             raise InvalidInput(f"unknown output(s) {[o.name for o in requested if o.name != 'image']}; "
                                "this model has one output, 'image'")
-        # KServe's own switch for the binary data extension; everything else is a generation option.
-        options = self._v2_options(by_name, {k: v for k, v in v2_parameters(request).items()
-                                             if k != "binary_data_output"})
+        options = self._v2_options(by_name, v2_parameters(request))
         req = self._request(prompts, options)
         pngs, info = await self._generate(req, headers)
-        binary = True if request.from_grpc else bool(requested[0].binary_data) if requested \
-            else request.use_binary_outputs
+        binary = binary_output(request, "image")
         if request.from_grpc:  # KServe's to_grpc takes a list (a numpy array fails its truth test)
             data, content_type = list(pngs), "image/png"
         elif binary:  # raw PNG bytes, length-prefixed after the JSON header (KServe serializes them)
