@@ -134,15 +134,23 @@ def test_mlflow_server_restarted_mid_pipeline(production, monkeypatch, mlflow_se
     assert steps["evaluate"].data.metrics["fd"] == 2.0
 
 
+# Trial 2 stops before its second report until the test has stopped PostgreSQL: the report is then sent while
+# the database is down, whatever the machine's speed (waiting for "two trials complete" raced on a slow machine).
 SWEEP_WORKER = """
-import time
+import os, pathlib, time
 import optuna
 from distillery.platform import sweeps
+
+mid, go = pathlib.Path(os.environ["SWEEP_MID"]), pathlib.Path(os.environ["SWEEP_GO"])
 
 def objective(trial):
     x = trial.suggest_float("x", -3, 3)
     for step in range(4):
         time.sleep(0.25)
+        if trial.number == 2 and step == 1:
+            mid.touch()
+            while not go.exists():
+                time.sleep(0.05)
         trial.report((x - 1) ** 2 + 4 - step, step)
     return (x - 1) ** 2
 
@@ -162,27 +170,22 @@ def test_postgres_restarted_during_a_sweep(home, tmp_path):
     pg = services.start_postgres()  # its own: a restart must not touch the session's MLflow backend
     try:
         url = pg.create_database("optuna")
-        env = {**os.environ, "DISTILLERY_OPTUNA_STORAGE": url, "PYTHONPATH": str(REPO / "src")}
+        mid, go = tmp_path / "mid", tmp_path / "go"
+        env = {**os.environ, "DISTILLERY_OPTUNA_STORAGE": url, "PYTHONPATH": str(REPO / "src"),
+               "SWEEP_MID": str(mid), "SWEEP_GO": str(go)}
         log = tmp_path / "worker.log"
         with log.open("w") as sink:
             worker = subprocess.Popen([sys.executable, "-c", SWEEP_WORKER], cwd=REPO, env=env, stdout=sink,
                                       stderr=subprocess.STDOUT)
             try:
-                def complete() -> int:
-                    with pg.connect("optuna") as conn, conn.cursor() as cur:
-                        cur.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
-                        return cur.fetchone()[0]
-
                 deadline = time.time() + 180
-                while worker.poll() is None and time.time() < deadline:
-                    try:
-                        if complete() >= 2:
-                            break
-                    except Exception:  # noqa: BLE001 - the worker has not created the tables yet
-                        pass
-                    time.sleep(0.2)
-                assert worker.poll() is None, log.read_text()[-3000:]
-                pg.restart(down_s=3.0)
+                while worker.poll() is None and not mid.exists() and time.time() < deadline:
+                    time.sleep(0.05)
+                assert mid.exists() and worker.poll() is None, log.read_text()[-3000:]
+                pg.pg_ctl("stop")  # connections cut; the worker's next report meets a stopped database
+                go.touch()
+                time.sleep(3.0)
+                pg.pg_ctl("start")
                 worker.wait(240)
             finally:
                 if worker.poll() is None:
