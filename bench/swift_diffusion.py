@@ -8,7 +8,10 @@ kind and its swift-diffusion-baseline twin built on the same model folder and ad
    ControlNet run concurrently with the UNet and sequentially, and the machine's own parallel headroom (two
    one-thread matmul loops at once vs one after the other: the cap of the concurrent ControlNet's gain);
 3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
-   with the no-LoRA image as the floor.
+   with the no-LoRA image as the floor; and of the guidance split's ControlNet on the conditional half only,
+   against the ControlNet on both halves (the no-ControlNet image as the floor).
+
+The guidance split (guidance's two halves on two threads) is measured beside the default runtime in 1 and 2.
 
     python bench/swift_diffusion.py [--base PIPELINE_DIR] [--addons STORE] [--steps 20] [--trials 5]
 
@@ -184,14 +187,19 @@ def main() -> None:
                           controlnet=controlnet if cn else None,
                           control_image=_control_image(ours).repeat(len(seeds), 1, 1, 1) if cn else None, **kw)
 
-    # 1. one ControlNet + one cold LoRA, ours vs diffusers, at two store latencies
+    def split_runtime(m):  # the same model and cache, guidance's halves on two threads
+        return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, guidance_split=True)
+
+    # 1. one ControlNet + one cold LoRA, ours (without and with the guidance split) vs diffusers, two store latencies
     for delay_ms in (0.0, opts.fetch_delay_ms):
         ours = _predictor(SwiftDiffusionModel, model, delay_ms / 1000)
         base = _predictor(BaselineDiffusionModel, model, delay_ms / 1000)
         g = gen([lora], cn=True)
-        (t_ours, reps), (t_base, _) = _measure([(ours.runtime, ours.fresh_cache, g, True),
-                                                (base.runtime, base.fresh_cache, g, True)], opts.trials)
-        rows.append((f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"))
+        (t_ours, reps), (t_split, _), (t_base, _) = _measure(
+            [(ours.runtime, ours.fresh_cache, g, True), (split_runtime(ours), ours.fresh_cache, g, True),
+             (base.runtime, base.fresh_cache, g, True)], opts.trials)
+        rows += [(f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"),
+                 ("  the same with guidance split (ControlNet on the conditional half)", t_split, t_base, "s")]
         extra[f"applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
     # 2. overhead vs no add-on (ours; the cold LoRA's fetch delay chosen to fit within K steps)
@@ -202,14 +210,18 @@ def main() -> None:
     sequential_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction,
                                  parallel_controlnet=False)
     rt, fresh = ours.runtime, ours.fresh_cache
-    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _) = _measure(
+    split_rt = split_runtime(ours)
+    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _), (split, _), (split_cn, _) = _measure(
         [(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
-         (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False)], opts.trials)
+         (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False),
+         (split_rt, fresh, gen(), False), (split_rt, fresh, gen(cn=True), False)], opts.trials)
     rows += [(f"cold LoRA (fetch {delay_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold, plain, "s"),
              ("resident LoRA vs no add-on", hot, plain, "s"),
              ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
              ("ControlNet sequential vs no add-on", sequential, plain, "s"),
              ("ControlNet concurrent vs sequential", parallel, sequential, "s"),
+             ("no add-on: guidance split vs one batched call", split, plain, "s"),
+             ("ControlNet: split, conditional half only vs concurrent, both halves", split_cn, parallel, "s"),
              ("machine headroom: two kernel threads vs one after the other", *_headroom(), "s")]
     extra["cold_lora_applied_from_step"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
@@ -231,6 +243,11 @@ def main() -> None:
     for frac in (0.1, 0.2, 0.4):
         rows.append((f"SSIM vs from-step-0, LoRA from K/N={frac} (baseline col: no LoRA)",
                      float(ssim(images[0.0], images[frac]).mean()), floor_ssim, ""))
+    # the split's ControlNet on the conditional half only, against diffusers' both halves
+    both, _ = ours.runtime.generate(gen(cn=True, seeds=seeds), output_type="np")
+    cond_only, _ = split_rt.generate(gen(cn=True, seeds=seeds), output_type="np")
+    rows.append(("SSIM vs both halves: ControlNet on the conditional half (baseline col: no ControlNet)",
+                 float(ssim(both, cond_only).mean()), float(ssim(both, floor).mean()), ""))
     extra["unet_threads"], extra["controlnet_threads"] = ours.unet_threads, ours.addon_limits["controlnet_threads"]
     report("swift-diffusion", rows, extra)
 

@@ -295,7 +295,8 @@ def test_base_weights_are_restored_bit_for_bit_after_many_mixed_requests(pipe, s
 def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9)
     parallel, report = _runtime(pipe, source, parallel_controlnet=True).generate(g, output_type="np")
-    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "unet_calls": 3}
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "conditional_half_only": False,
+                                   "unet_calls": 3}
     sequential, report = _runtime(pipe, source, parallel_controlnet=False).generate(g, output_type="np")
     assert report["controlnet"]["parallel"] is False
     np.testing.assert_allclose(parallel, sequential, atol=1e-6)
@@ -303,6 +304,57 @@ def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     np.testing.assert_allclose(parallel, reference, atol=1e-5)  # StableDiffusionControlNetPipeline
     plain, _ = _runtime(pipe, source).generate(_gen(steps=3), output_type="np")
     assert np.abs(parallel - plain).mean() > 0.01  # the ControlNet steers the image
+
+
+def test_guidance_split_equals_one_batched_call_and_needs_guidance(pipe, source):
+    g = _gen(steps=3, loras=[("ink", 0.7)])
+    split, report = _runtime(pipe, source, guidance_split=True).generate(g, output_type="np")
+    assert report["guidance_split"] is True
+    batched, report = _runtime(pipe, source).generate(g, output_type="np")
+    assert report["guidance_split"] is False
+    np.testing.assert_allclose(split, batched, atol=1e-5)
+    from dataclasses import replace
+    _, report = _runtime(pipe, source, guidance_split=True).generate(replace(g, guidance=1.0), output_type="np")
+    assert report["guidance_split"] is False  # one half only: nothing to split
+    assert "forward" not in vars(pipe.unet)  # the UNet's own forward again
+
+
+def test_split_controlnet_steers_the_conditional_half_only(pipe, source):
+    """One UNet call on [unconditional; conditional] under the split: the unconditional rows are the plain UNet's,
+    the conditional rows those of the UNet with the ControlNet's residuals, as one sequential call gives them."""
+    from distillery.papers.swift_diffusion.runtime import ControlNetHooks, GuidanceSplit, worker
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 4, 4, generator=gen)
+    text = torch.randn(4, 8, pipe.unet.config.cross_attention_dim, generator=gen)
+    t, image, unet = torch.tensor(500), _control(), pipe.unet
+    with torch.inference_mode():
+        plain = unet(x[:2], t, encoder_hidden_states=text[:2], return_dict=False)[0]
+        with ControlNetHooks(unet, source.controlnet, image, 0.9):
+            steered = unet(x[2:], t, encoder_hidden_states=text[2:], return_dict=False)[0]
+        for cn_thread in (None, worker("controlnet")):
+            with GuidanceSplit(unet, worker("unconditional")) as split, \
+                    ControlNetHooks(unet, source.controlnet, image, 0.9, cn_thread, cond_only=True) as hooks:
+                both = unet(x, t, encoder_hidden_states=text).sample
+            assert split.calls == hooks.calls == 1
+            torch.testing.assert_close(both[:2], plain, atol=1e-5, rtol=0)
+            torch.testing.assert_close(both[2:], steered, atol=1e-5, rtol=0)
+    assert (steered - plain).abs().mean() > 1e-3  # the ControlNet does move the conditional half
+
+
+def test_split_with_controlnet_and_late_loras_restores_the_base_weights(pipe, source):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    rt = _runtime(pipe, source, guidance_split=True, wait_fraction=0.5)
+    source.delay_s = 0.05
+    full, _ = _runtime(pipe, source).generate(_gen(steps=3, controlnet="edges", control_image=_control()),
+                                              output_type="np")
+    images, report = rt.generate(_gen(steps=3, loras=[("bold", 1.0)], controlnet="edges", control_image=_control()),
+                                 output_type="np")
+    assert report["controlnet"]["conditional_half_only"] is True and report["controlnet"]["unet_calls"] == 3
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+    cond_only, _ = rt.generate(_gen(steps=3, controlnet="edges", control_image=_control()), output_type="np")
+    plain, _ = rt.generate(_gen(steps=3), output_type="np")
+    assert 0 < np.abs(cond_only - full).mean() < np.abs(plain - full).mean()  # steered, not quite as with both
 
 
 def test_ssim_is_one_for_equal_images_and_falls_with_noise():

@@ -99,14 +99,15 @@ def test_v1_loras_and_controlnet_report_what_happened(served):
     url, *_ = served
     plain = _v1(url)
     assert plain.status_code == 200, plain.text
-    assert plain.json()["predictions"][0]["addons"] == {"wait_step": 1, "loras": []}
+    assert plain.json()["predictions"][0]["addons"] == {"wait_step": 1, "loras": [], "guidance_split": False}
     first = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
                 controlnet={"name": "edges", "image": EDGES, "scale": 0.9})
     assert first.status_code == 200, first.text
     report = first.json()["predictions"][0]["addons"]
     assert [(e["name"], e["cache"]) for e in report["loras"]] == [("ink", "miss"), ("bold", "miss")]
     assert all(0 <= e["applied_from_step"] <= report["wait_step"] == 1 for e in report["loras"])
-    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "unet_calls": 3}
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "conditional_half_only": False,
+                                    "unet_calls": 3}
     again = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
                 controlnet={"name": "edges", "image": EDGES, "scale": 0.9}).json()["predictions"][0]
     assert [(e["cache"], e["applied_from_step"]) for e in again["addons"]["loras"]] == [("hit", 0), ("hit", 0)]
@@ -234,6 +235,28 @@ def test_the_baseline_kind_makes_the_same_image_as_swift_with_k_zero(served):
         torch.set_num_threads(threads)
     assert reports[0]["controlnet"]["parallel"] and not reports[1]["controlnet"]["parallel"]
     assert np.abs(images[0] - images[1]).max() <= 1  # fuse_lora and ControlNet pipeline vs in-place patch and hooks
+
+
+def test_guidance_split_set_in_the_model_config_makes_the_same_image(served):
+    from distillery.serving.swift_diffusion import SwiftDiffusionModel
+
+    _, store, _ = served
+    threads = torch.get_num_threads()
+    images = []
+    try:
+        for split in (False, True):
+            model = SwiftDiffusionModel("swift", store.parent)
+            model.check()
+            model.addon_limits["guidance_split"] = split
+            model.load_model()
+            req = model._request(["a dark square"], {"steps": 2, "seed": 5, "guidance": 3.0,
+                                                     "loras": [{"name": "ink", "scale": 0.8}]})
+            ((png, report),) = model.run_batch(*model._batch(req))
+            assert report["guidance_split"] is split
+            images.append(np.asarray(Image.open(io.BytesIO(png)), dtype=int))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def test_addons_come_from_the_object_store(served, s3, tmp_path):

@@ -19,10 +19,16 @@ putting their loading and patching on a request's critical path. How it maps to 
   and the ControlNet get one intra-op thread each (one per core, nothing oversubscribed); PyTorch kernels release the
   GIL, so the two threads overlap in the kernels, not in diffusers' Python glue (which is why a tiny model gains
   little on CPU while an SD-1.5-sized one, kernel-bound, gains most of the ControlNet's time).
+- Guidance split (`guidance_split=True`). Under classifier-free guidance the UNet's batch is [unconditional;
+  conditional]. `GuidanceSplit` runs the unconditional half on a worker thread of its own (one intra-op thread) while
+  the caller runs the conditional half, and concatenates the two outputs, so two cores share one step even where one
+  small batched call cannot use them. As in the paper, the ControlNet then runs on the conditional half only: the
+  unconditional half gets no residuals (half the ControlNet's work; the image moves a little, measured as SSIM
+  against the both-halves image in `bench/swift_diffusion.py`). Without guidance there is nothing to split.
 - The baseline (`baseline=True`) is what a plain diffusers user does per request: fetch, `load_lora_weights` +
   `set_adapters` + `fuse_lora`, the ControlNet run before the UNet at every step
   (`StableDiffusionControlNetPipeline`), then `unfuse_lora` + `unload_lora_weights`.
-- Not built: splitting classifier-free guidance's two halves across workers, and backbone kernel optimizations.
+- Not built: backbone kernel optimizations.
 """
 
 from __future__ import annotations
@@ -192,24 +198,34 @@ class ControlNetHooks:
     on `executor`'s thread (None: right there, sequentially), joined after the mid block; its residuals are added
     in place to the skip connections and to the mid block's output, exactly where diffusers adds them.
     `image` is the condition in [0, 1], one per prompt (B, 3, H, W); under guidance the UNet's batch is
-    [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline."""
+    [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline.
+    `cond_only` (under a `GuidanceSplit`): the ControlNet sees the conditional half only, and its residuals go to
+    the half the calling thread runs; the hooks ignore the unconditional half on the split's worker thread."""
 
     def __init__(self, unet, controlnet, image: torch.Tensor, scale: float = 1.0,
-                 executor: ThreadPoolExecutor | None = None):
+                 executor: ThreadPoolExecutor | None = None, cond_only: bool = False):
         self.unet, self.controlnet, self.image, self.scale, self.executor = unet, controlnet, image, scale, executor
+        self.cond_only = cond_only
         self._handles: list = []
         self._skips: list[torch.Tensor] = []
         self._job: Future | None = None
+        self._owner: int | None = None
         self.calls = 0
 
     def __enter__(self) -> "ControlNetHooks":
         u = self.unet
         self._handles = [u.register_forward_pre_hook(self._start, with_kwargs=True),
-                         u.conv_in.register_forward_hook(lambda m, a, out: self._skips.append(out)),
-                         *[b.register_forward_hook(lambda m, a, out: self._skips.extend(out[1]))
-                           for b in u.down_blocks],
+                         u.conv_in.register_forward_hook(lambda m, a, out: self._skip(out)),
+                         *[b.register_forward_hook(lambda m, a, out: self._skip(*out[1])) for b in u.down_blocks],
                          u.mid_block.register_forward_hook(self._join)]
         return self
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def _skip(self, *outs: torch.Tensor) -> None:
+        if self._mine():
+            self._skips.extend(outs)
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -217,30 +233,95 @@ class ControlNetHooks:
         self._handles, self._skips, self._job = [], [], None
 
     def _run(self, sample, timestep, text):
-        with torch.no_grad():  # grad mode is per thread
-            cond = self.image.repeat(sample.shape[0] // self.image.shape[0], 1, 1, 1)
-            return self.controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=cond,
-                                   conditioning_scale=self.scale, return_dict=False)
+        cond = self.image.repeat(sample.shape[0] // self.image.shape[0], 1, 1, 1)
+        return self.controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=cond,
+                               conditioning_scale=self.scale, return_dict=False)
 
     def _start(self, module, args, kwargs):
         names = ("sample", "timestep", "encoder_hidden_states")
         sample, timestep, text = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
-        self._skips = []
+        if self.cond_only:
+            (sample, timestep, text), _ = _halves(sample.shape[0], sample, timestep, text)[1]
+        self._skips, self._owner = [], threading.get_ident()
         self.calls += 1
         if self.executor is None:
             done: Future = Future()
             done.set_result(self._run(sample, timestep, text))
             self._job = done
         else:
-            self._job = self.executor.submit(self._run, sample, timestep, text)
+            self._job = self.executor.submit(_in_callers_mode(self._run), sample, timestep, text)
 
     def _join(self, module, args, output):
+        if not self._mine():
+            return None
         down, mid = self._job.result()
         if len(down) != len(self._skips):
             raise RuntimeError(f"the ControlNet gave {len(down)} residuals for the UNet's {len(self._skips)} skips")
         for skip, residual in zip(self._skips, down):
             skip.add_(residual)  # the UNet's up path reads these very tensors
         return output + mid
+
+
+def _in_callers_mode(fn: Callable) -> Callable:
+    """`fn` to run on another thread under the caller's grad / inference mode (both are per thread)."""
+    inference = torch.is_inference_mode_enabled()
+
+    def run(*args, **kwargs):
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _halves(n: int, *args, **kwargs) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) of a UNet call cut into its batch halves: every tensor with `n` rows is cut (a scalar
+    timestep, or one shared by the batch, is not), nested dicts such as `added_cond_kwargs` included."""
+    def cut(x, rows: slice):
+        if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == n:
+            return x[rows]
+        if isinstance(x, dict):
+            return {k: cut(v, rows) for k, v in x.items()}
+        return x
+
+    return [(tuple(cut(a, rows) for a in args), {k: cut(v, rows) for k, v in kwargs.items()})
+            for rows in (slice(0, n // 2), slice(n // 2, n))]
+
+
+class GuidanceSplit:
+    """Classifier-free guidance's two halves on two workers: while active, a UNet call with an even batch
+    [unconditional; conditional] runs its first half on `executor`'s thread and its second half on the caller's,
+    and returns the two outputs concatenated, in the form the call asked for. Forward hooks on the UNet itself see
+    the whole call once; hooks on its blocks see each half, from the thread that runs it."""
+
+    def __init__(self, unet, executor: ThreadPoolExecutor):
+        self.unet, self.executor = unet, executor
+        self.calls = 0
+
+    def __enter__(self) -> "GuidanceSplit":
+        self._own = vars(self.unet).get("forward")  # a forward set on the instance before us (an offload hook)
+        self._forward = self.unet.forward
+        self.unet.forward = self._split
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._own is None:
+            del self.unet.forward  # the class's forward again
+        else:
+            self.unet.forward = self._own
+
+    def _split(self, sample, *args, **kwargs):
+        n = sample.shape[0]
+        if n < 2 or n % 2:
+            return self._forward(sample, *args, **kwargs)
+        self.calls += 1
+        (u_args, u_kwargs), (c_args, c_kwargs) = _halves(n, sample, *args, **kwargs)
+        uncond = self.executor.submit(_in_callers_mode(self._forward), *u_args, **u_kwargs)
+        try:
+            cond = self._forward(*c_args, **c_kwargs)
+        finally:
+            u = uncond.result()  # never leave the worker running on a UNet the caller goes on using
+        if isinstance(cond, tuple):
+            return (torch.cat([u[0], cond[0]]), *cond[1:])
+        return type(cond)(sample=torch.cat([u.sample, cond.sample]))
 
 
 def _result(future: Future, timeout_s: float | None, what: str):
@@ -251,10 +332,9 @@ def _result(future: Future, timeout_s: float | None, what: str):
         raise TimeoutError(f"{what} was not fetched within {timeout_s} s") from None
 
 
-def controlnet_executor(threads: int = 1) -> ThreadPoolExecutor:
-    """The ControlNet's own thread with its own intra-op thread budget."""
-    return ThreadPoolExecutor(1, thread_name_prefix="controlnet", initializer=torch.set_num_threads,
-                              initargs=(threads,))
+def worker(name: str, threads: int = 1) -> ThreadPoolExecutor:
+    """One thread with its own intra-op thread budget (the ControlNet's, the unconditional half's)."""
+    return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
 
 
 @dataclass
@@ -277,13 +357,15 @@ class SwiftRuntime:
     `ControlNetModel`). Not thread-safe: one generation at a time (the caller holds a lock)."""
 
     def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
-                 controlnet_threads: int = 1, baseline: bool = False, fetch_timeout_s: float | None = 120.0):
+                 controlnet_threads: int = 1, guidance_split: bool = False, baseline: bool = False,
+                 fetch_timeout_s: float | None = 120.0):
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
         self.fetch_timeout_s = fetch_timeout_s
         self.patcher = LoRAPatcher(pipe.unet)
-        self.executor = controlnet_executor(controlnet_threads) if parallel_controlnet and not baseline else None
+        self.executor = worker("controlnet", controlnet_threads) if parallel_controlnet and not baseline else None
+        self.guidance_worker = worker("unconditional") if guidance_split and not baseline else None
         # A fetched LoRA's B A products are computed here, beside the denoising, with one intra-op thread.
         self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lora-deltas", initializer=torch.set_num_threads,
                                            initargs=(1,))
@@ -310,8 +392,10 @@ class SwiftRuntime:
             pending.append((name, ready))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
+        split = self.guidance_worker is not None and g.guidance > 1  # diffusers batches both halves only then
+        report["guidance_split"] = split
         try:
-            with self._controlnet(g, report) as hooks:
+            with self._split(split), self._controlnet(g, report, cond_only=split) as hooks:
                 late.patch_ready(0)
                 images = self.pipe(g.prompts, callback_on_step_end=late if pending else None, **common).images
             if hooks is not None:
@@ -326,15 +410,24 @@ class SwiftRuntime:
         return self.patcher.deltas(_result(fetched, self.fetch_timeout_s, f"LoRA {name!r}"), scale)
 
     @contextmanager
-    def _controlnet(self, g: Generation, report: dict):
+    def _split(self, on: bool):
+        if not on:
+            yield None
+            return
+        with GuidanceSplit(self.pipe.unet, self.guidance_worker) as split:
+            yield split
+
+    @contextmanager
+    def _controlnet(self, g: Generation, report: dict, cond_only: bool = False):
         if g.controlnet is None:
             yield None
             return
         future, hit = self.cache.fetch("controlnet", g.controlnet)
         controlnet = _result(future, self.fetch_timeout_s, f"ControlNet {g.controlnet!r}")  # needed from step 0
         report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss",
-                                "parallel": self.executor is not None}
-        with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor) as hooks:
+                                "parallel": self.executor is not None, "conditional_half_only": cond_only}
+        with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor,
+                             cond_only=cond_only) as hooks:
             yield hooks
 
     def _baseline(self, g: Generation, common: dict) -> tuple[list, dict]:
