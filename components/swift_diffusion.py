@@ -90,11 +90,13 @@ def evaluate_serving(
     store: Input[Model],
     addon_metrics: str,
     dataset: Input[Dataset],
+    feature_net: Input[Model],
     steps: int,
     guidance_scale: float,
     wait_fraction: float,
     trials: int,
     quality_seeds: int,
+    num_per_class: int,
     seed: int,
     pipeline: str,
     kfp_run_id: str,
@@ -106,5 +108,6 @@ def evaluate_serving(
 
     run_step(swift_diffusion.evaluate_serving, pipeline=pipeline, step="evaluate-serving", kfp_run_id=kfp_run_id,
              kfp_metrics=metrics, base_dir=base.path, store_dir=store.path, addon_metrics=addon_metrics,
-             dataset_dir=dataset.path, steps=steps, guidance_scale=guidance_scale, wait_fraction=wait_fraction,
-             trials=trials, quality_seeds=quality_seeds, seed=seed, release_dir=release.path)
+             dataset_dir=dataset.path, feature_net_dir=feature_net.path, steps=steps, guidance_scale=guidance_scale,
+             wait_fraction=wait_fraction, trials=trials, quality_seeds=quality_seeds, num_per_class=num_per_class,
+             seed=seed, release_dir=release.path)

@@ -229,7 +229,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                     gate_thresholds={"lora_style_fd_ratio_max": ["max", 0.9],
                                      "controlnet_edges_edge_f1_gain": ["min", 0.05],
                                      "latency_ratio_cn_cold_lora": ["max", 0.9], "cold_lora_overhead": ["max", 0.1],
-                                     "ssim_late_patch": ["min", 0.85]}),
+                                     "ssim_late_patch": ["min", 0.85], "fd_ratio_late_patch": ["max", 1.1]}),
         "paper": dict(resolution=64, per_class=2000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
                       vae_batch_size=128, unet_batch_size=128, lora_steps=5000, controlnet_steps=20_000,
                       addon_batch_size=64, eval_steps=50, eval_per_class=100, serving_steps=50, wait_fraction=0.4,
@@ -237,7 +237,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       gate_thresholds={"lora_style_fd_ratio_max": ["max", 0.9],
                                        "controlnet_edges_edge_f1_gain": ["min", 0.05],
                                        "latency_ratio_cn_cold_lora": ["max", 0.5], "cold_lora_overhead": ["max", 0.05],
-                                       "ssim_late_patch": ["min", 0.85]}),
+                                       "ssim_late_patch": ["min", 0.85], "fd_ratio_late_patch": ["max", 1.1]}),
     },
     "scott": {
         "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, trials_per_worker=1,

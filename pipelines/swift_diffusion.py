@@ -123,9 +123,10 @@ def swift_diffusion(
                                     evaluations=dsl.Collected(evaluated.outputs["Output"]), model_name=model_name,
                                     **t).set_caching_options(False)
             serving = evaluate_serving(base=base, store=store.outputs["store"], addon_metrics=store.outputs["Output"],
-                                       dataset=dataset, steps=serving_steps, guidance_scale=guidance_scale,
+                                       dataset=dataset, feature_net=feature_net.outputs["feature_net"],
+                                       steps=serving_steps, guidance_scale=guidance_scale,
                                        wait_fraction=wait_fraction, trials=serving_trials,
-                                       quality_seeds=quality_seeds, seed=seed, **t)
+                                       quality_seeds=quality_seeds, num_per_class=eval_per_class, seed=seed, **t)
             decision = gate(metrics=serving.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,
                             directions={"ssim_late_patch": "max"}, **t).set_caching_options(False)
             with dsl.If(decision.outputs["Output"] == True):  # noqa: E712 (KFP condition, not a Python bool)

@@ -111,9 +111,13 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
         release = tmp_path / "release"
         carried = {k: v for k, v in reg.items() if isinstance(v, float)}
         served = steps.evaluate_serving(base_dir=w["base"], store_dir=str(store), addon_metrics=json.dumps(carried),
-                                        dataset_dir=w["data"], steps=5, guidance_scale=2.0, wait_fraction=0.4,
-                                        trials=1, quality_seeds=2, seed=0, release_dir=str(release))
+                                        dataset_dir=w["data"], feature_net_dir=w["net"], steps=5,
+                                        guidance_scale=2.0, wait_fraction=0.4, trials=1, quality_seeds=2,
+                                        num_per_class=1, seed=0, release_dir=str(release))
     assert served["late_patch_step"] == 1.0 and 0 < served["ssim_late_patch"] <= 1
+    assert served["ssim_late_k20"] == served["ssim_late_patch"] and 0 < served["ssim_late_k40"] <= 1
+    assert served["fd_ratio_late_k20"] == served["fd_ratio_late_patch"] > 0 and served["fd_lora_from_step_0"] > 0
+    assert served["evaluator_version"] == 1.0
     assert served["latency_ratio_cn_cold_lora"] == pytest.approx(
         served["latency_cn_cold_lora_s"] / served["baseline_latency_cn_cold_lora_s"])
     assert served["lora_style_fd_ratio_max"] == reg["lora_style_fd_ratio_max"]  # the gate sees the add-ons too

@@ -19,7 +19,8 @@ from distillery.steps import (checkpoint_dir, dir_hash, evaluator_identity, load
 ADDON_FILE = "addon.json"  # beside an add-on's weights: its store path (kind/name) and its training numbers
 KINDS = ("controlnet", "lora")
 CONTROLNET_NAME = "edges"  # the one ControlNet: Sobel edge maps (addons.edge_map)
-LATE_PATCH_FRACTION = 0.2  # K/N at which the serving evaluation measures SSIM against the from-step-0 image
+LATE_PATCH_FRACTION = 0.2  # K/N the gate judges late patching at (SSIM and FD against the from-step-0 LoRA)
+LATE_PATCH_FRACTIONS = (0.1, LATE_PATCH_FRACTION, 0.4)  # the K/N the serving evaluation measures
 ADDON_PARALLELISM = 4  # add-on tasks the pipeline runs side by side
 
 
@@ -262,24 +263,27 @@ def _timed(runs: list[tuple], trials: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, dataset_dir: str, steps: int,
-                     guidance_scale: float, wait_fraction: float, trials: int, quality_seeds: int, seed: int,
-                     release_dir: str) -> dict:
+def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, dataset_dir: str, feature_net_dir: str,
+                     steps: int, guidance_scale: float, wait_fraction: float, trials: int, quality_seeds: int,
+                     num_per_class: int, seed: int, release_dir: str) -> dict:
     """The runtime release (the base pipeline + distillery.json: kind swift-diffusion, the registered add-on store)
     served in-process by the predictor and by its plain-diffusers twin, on the registered store: latency of one
     ControlNet + one cold LoRA (ours / baseline), the add-on overhead of a cold LoRA and of the ControlNet vs a
-    no-add-on request, and SSIM of the LoRA landing at K/N = 0.2 against it applied from step 0 (no LoRA: the floor).
-    The add-on evaluations are carried along, so the gate sees every number."""
+    no-add-on request, and the quality of late patching: the LoRA landing at K/N in LATE_PATCH_FRACTIONS against it
+    applied from step 0, as SSIM over `quality_seeds` images (no LoRA: the floor) and as the ratio of FDs to the
+    held-out images in the LoRA's style (`num_per_class` per class, the versioned evaluator). The add-on
+    evaluations are carried along, so the gate sees every number."""
     import torch
 
-    from distillery.papers.swift_diffusion.addons import edge_map
+    from distillery.models import image_eval
+    from distillery.papers.swift_diffusion.addons import STYLES, edge_map, stylize
     from distillery.papers.swift_diffusion.evaluate import LandsAt, ssim
     from distillery.papers.swift_diffusion.runtime import Generation
     from distillery.serving.swift_diffusion import BaselineDiffusionModel, SwiftDiffusionModel
 
-    if int(trials) < 1 or int(quality_seeds) < 1 or int(steps) < 2:
-        raise ValueError(f"trials and quality_seeds must be >= 1 and steps >= 2, got {trials}, {quality_seeds}, "
-                         f"{steps}")
+    if int(trials) < 1 or int(quality_seeds) < 1 or int(num_per_class) < 1 or int(steps) < 2:
+        raise ValueError(f"trials, quality_seeds and num_per_class must be >= 1 and steps >= 2, got {trials}, "
+                         f"{quality_seeds}, {num_per_class}, {steps}")
     if not 0 <= wait_fraction < 1:
         raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
     steps, trials = int(steps), int(trials)
@@ -311,24 +315,48 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
 
     # Late patching: the LoRA lands at exactly K (LandsAt), against it landing before step 0.
     rt, cache = ours.runtime, ours.runtime.cache
-    seeds = [seed + i for i in range(int(quality_seeds))]
-    images, applied = {}, {}
-    k_late = max(1, round(LATE_PATCH_FRACTION * steps))
-    for k in (0, k_late):
+    applied: list[int] = []
+
+    def lands_at(k: int, prompts: list, seeds: list) -> np.ndarray:
         rt.wait_fraction, rt.cache = k / steps, LandsAt(cache, ours.pipe.unet, k)
         try:
             with torch.inference_mode():
-                images[k], rep = rt.generate(gen(with_lora=True, seeds=seeds), output_type="np")
+                out, rep = rt.generate(Generation(prompts=prompts, seeds=list(seeds), steps=steps,
+                                                  guidance=guidance_scale, loras=[(lora[1], 1.0)]), output_type="np")
         finally:
             rt.cache.close()
-        applied[k] = rep["loras"][0]["applied_from_step"]
-    rt.cache, rt.wait_fraction = cache, wait_fraction
+            rt.cache, rt.wait_fraction = cache, wait_fraction
+        applied.append(rep["loras"][0]["applied_from_step"])
+        return out
+
+    net = image_eval.FeatureNet.load(Path(feature_net_dir))
+    # FD to the held-out images in the LoRA's style (a name that is no style of ours: to the plain holdout).
+    target = SimpleNamespace(images=stylize(hold.images, lora[1]) if lora[1] in STYLES else hold.images,
+                             class_prompts=hold.class_prompts)
+    seeds = [seed + i for i in range(int(quality_seeds))]
+    ks = {0: 0.0, **{max(1, round(f * steps)): f for f in LATE_PATCH_FRACTIONS}}
+    images, fd = {}, {}
+    for k in ks:
+        applied.clear()
+        images[k] = lands_at(k, [prompt] * len(seeds), seeds)
+        fd[k] = image_eval.evaluate_text_to_image(
+            ours.pipe, target, net, num_per_class=int(num_per_class), steps=steps, guidance_scale=guidance_scale,
+            seed=seed, latency_probes=1,
+            generate_fn=lambda p, s, k=k: (lands_at(k, p, s) * 255).round().astype(np.uint8))["fd"]
+        if set(applied) != {k}:
+            raise RuntimeError(f"the LoRA was meant to land at step {k}, it landed at {sorted(set(applied))}")
     with torch.inference_mode():
         floor, _ = rt.generate(gen(seeds=seeds), output_type="np")
+    k_late = max(1, round(LATE_PATCH_FRACTION * steps))
     metrics = {"latency_cn_cold_lora_s": t_ours, "baseline_latency_cn_cold_lora_s": t_base,
                "latency_ratio_cn_cold_lora": t_ours / t_base, "latency_no_addon_s": t_plain,
                "cold_lora_overhead": t_cold / t_plain - 1, "controlnet_overhead": t_cn / t_plain - 1,
-               "late_patch_step": float(applied[k_late]), "late_patch_fraction": applied[k_late] / steps,
+               "late_patch_step": float(k_late), "late_patch_fraction": k_late / steps,
                "ssim_late_patch": float(ssim(images[0], images[k_late]).mean()),
+               "fd_ratio_late_patch": fd[k_late] / max(fd[0], 1e-9), "fd_lora_from_step_0": fd[0],
                "ssim_no_lora": float(ssim(images[0], floor).mean()), "serving_steps": float(steps)}
-    return {**json.loads(addon_metrics), **metrics}
+    for k, f in ks.items():  # every K/N measured, for the README's table and the run's comparison view
+        if k:
+            metrics[f"ssim_late_k{round(100 * f)}"] = float(ssim(images[0], images[k]).mean())
+            metrics[f"fd_ratio_late_k{round(100 * f)}"] = fd[k] / max(fd[0], 1e-9)
+    return {**json.loads(addon_metrics), **metrics, **evaluator_identity(feature_net_dir)}
