@@ -248,7 +248,7 @@ def main() -> None:
     cond_only, _ = split_rt.generate(gen(cn=True, seeds=seeds), output_type="np")
     rows.append(("SSIM vs both halves: ControlNet on the conditional half (baseline col: no ControlNet)",
                  float(ssim(both, cond_only).mean()), float(ssim(both, floor).mean()), ""))
-    extra["unet_threads"], extra["controlnet_threads"] = ours.unet_threads, ours.addon_limits["controlnet_threads"]
+    extra["cores"], extra["controlnet_threads"] = ours.runtime.cores, ours.addon_limits["controlnet_threads"]
     report("swift-diffusion", rows, extra)
 
 

@@ -367,7 +367,7 @@ def main() -> None:
         for scratch in (work / "stores", work / "probe"):  # the padded stores run to hundreds of MB
             shutil.rmtree(scratch, ignore_errors=True)
     rows.append(("machine headroom: two kernel threads vs one after the other", *_headroom(), "s"))
-    extra["unet_threads"], extra["controlnet_threads"] = ours.unet_threads, ours.addon_limits["controlnet_threads"]
+    extra["cores"], extra["controlnet_threads"] = ours.runtime.cores, ours.addon_limits["controlnet_threads"]
     report("swift-diffusion-trace", rows, extra)
     print(f"written: {RESULTS / 'swift-diffusion-trace.json'}")
 

@@ -357,6 +357,32 @@ def test_split_with_controlnet_and_late_loras_restores_the_base_weights(pipe, so
     assert 0 < np.abs(cond_only - full).mean() < np.abs(plain - full).mean()  # steered, not quite as with both
 
 
+def test_a_call_takes_the_cores_its_other_threads_leave_and_gives_them_back(pipe, source):
+    from dataclasses import replace
+
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    try:
+        for rt in (_runtime(pipe, source), _runtime(pipe, source, guidance_split=True),
+                   _runtime(pipe, source, baseline=True)):
+            rt.cores = 4  # a 4-core pod: the counts differ for every kind of call
+            g = _gen(steps=1, controlnet="edges", control_image=_control())
+            plan = [rt.unet_threads(x) for x in (_gen(steps=1), g, replace(g, guidance=1.0))]
+            seen.clear()
+            rt.generate(g, output_type="np")
+            assert seen == [plan[1]] and torch.get_num_threads() == threads
+            if rt.baseline:
+                assert plan == [4, 4, 4]  # one thread of work: every core, as plain diffusers
+            elif rt.guidance_worker is None:
+                assert plan == [4, 3, 3]  # the concurrent ControlNet holds one
+            else:
+                assert plan == [3, 2, 3]  # and the unconditional half one more, under guidance only
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+
+
 def test_ssim_is_one_for_equal_images_and_falls_with_noise():
     from distillery.papers.swift_diffusion.evaluate import ssim
 

@@ -26,7 +26,6 @@ import base64
 import binascii
 import io
 import json
-import os
 import re
 import tempfile
 import threading
@@ -94,14 +93,10 @@ class SwiftDiffusionModel(TextToImageModel):
         self.addons_uri = uri if "://" in uri or uri.startswith("/") else str(self.model_dir / uri)
 
     def load_model(self) -> None:
-        import torch
-
         from distillery.papers.swift_diffusion.runtime import AddonCache, SwiftRuntime
 
         super().load_model()
         lim = self.addon_limits
-        # One intra-op thread for the ControlNet's own thread, the rest of the pod's cores for the UNet.
-        self.unet_threads = max(1, len(os.sched_getaffinity(0)) - lim["controlnet_threads"])
         cache = AddonCache(self._load_addon, lim["addon_cache_bytes"])
         self.runtime = SwiftRuntime(self.pipe, cache, wait_fraction=lim["wait_fraction"],
                                     parallel_controlnet=lim["parallel_controlnet"],
@@ -109,7 +104,6 @@ class SwiftDiffusionModel(TextToImageModel):
                                     guidance_split=lim["guidance_split"], baseline=self.baseline,
                                     fetch_timeout_s=lim["fetch_timeout_s"])
         self._refresh_index()
-        torch.set_num_threads(self.unet_threads)
 
     # ----------------------------------------------------------------------------------- add-on store
 
@@ -272,8 +266,7 @@ class SwiftDiffusionModel(TextToImageModel):
                        guidance=guidance, negative_prompt=negative, loras=list(loras), controlnet=controlnet,
                        control_image=torch.cat([c for _, _, c in items]) if controlnet else None,
                        controlnet_scale=controlnet_scale)
-        torch.set_num_threads(self.unet_threads)  # this worker thread's own budget
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode():  # the runtime sets this thread's intra-op budget per call
             try:
                 images, report = self.runtime.generate(g)
             except TimeoutError as e:  # the store hangs: this request fails, the model is fine

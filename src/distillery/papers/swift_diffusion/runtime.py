@@ -18,7 +18,9 @@ putting their loading and patching on a request's critical path. How it maps to 
   and mid blocks; the residuals are added in place where diffusers adds them. Thread budget: on 2 cores the UNet
   and the ControlNet get one intra-op thread each (one per core, nothing oversubscribed); PyTorch kernels release the
   GIL, so the two threads overlap in the kernels, not in diffusers' Python glue (which is why a tiny model gains
-  little on CPU while an SD-1.5-sized one, kernel-bound, gains most of the ControlNet's time).
+  little on CPU while an SD-1.5-sized one, kernel-bound, gains most of the ControlNet's time). A call's UNet
+  takes the cores its other threads do not hold (`unet_threads`): all of them without a concurrent ControlNet or
+  a split, and always for the baseline, whose work is one thread's, as a plain diffusers user runs it.
 - Guidance split (`guidance_split=True`). Under classifier-free guidance the UNet's batch is [unconditional;
   conditional]. `GuidanceSplit` runs the unconditional half on a worker thread of its own (one intra-op thread) while
   the caller runs the conditional half, and concatenates the two outputs, so two cores share one step even where one
@@ -34,6 +36,7 @@ putting their loading and patching on a request's critical path. How it maps to 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -362,7 +365,8 @@ class SwiftRuntime:
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
-        self.fetch_timeout_s = fetch_timeout_s
+        self.fetch_timeout_s, self.controlnet_threads = fetch_timeout_s, controlnet_threads
+        self.cores = len(os.sched_getaffinity(0))
         self.patcher = LoRAPatcher(pipe.unet)
         self.executor = worker("controlnet", controlnet_threads) if parallel_controlnet and not baseline else None
         self.guidance_worker = worker("unconditional") if guidance_split and not baseline else None
@@ -373,8 +377,26 @@ class SwiftRuntime:
     def wait_step(self, steps: int) -> int:
         return min(round(self.wait_fraction * steps), steps - 1)
 
+    def split(self, g: Generation) -> bool:
+        return self.guidance_worker is not None and g.guidance > 1  # diffusers batches both halves only then
+
+    def unet_threads(self, g: Generation) -> int:
+        """Intra-op threads for the calling thread (the UNet, the conditional half under a split): the cores less
+        those the call's other threads hold, the concurrent ControlNet's and the unconditional half's."""
+        held = (self.controlnet_threads if g.controlnet is not None and self.executor is not None else 0) \
+            + (1 if self.split(g) else 0)
+        return max(1, self.cores - held)
+
     def generate(self, g: Generation, output_type: str = "pil") -> tuple[list, dict]:
         """Images and a report of what happened: per LoRA its cache hit or miss and the first step it ran in."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.unet_threads(g))
+        try:
+            return self._generate(g, output_type)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _generate(self, g: Generation, output_type: str) -> tuple[list, dict]:
         gens = [torch.Generator().manual_seed(int(s)) for s in g.seeds]
         common = dict(num_inference_steps=g.steps, guidance_scale=g.guidance, generator=gens, output_type=output_type,
                       negative_prompt=[g.negative_prompt] * len(g.prompts) if g.negative_prompt else None)
@@ -392,8 +414,7 @@ class SwiftRuntime:
             pending.append((name, ready))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
-        split = self.guidance_worker is not None and g.guidance > 1  # diffusers batches both halves only then
-        report["guidance_split"] = split
+        split = report["guidance_split"] = self.split(g)
         try:
             with self._split(split), self._controlnet(g, report, cond_only=split) as hooks:
                 late.patch_ready(0)
