@@ -1,6 +1,5 @@
 """SMDP navigation: the SMDP advantage against hand-computed values, the naive ablation equal to it when every
-decision is one tick, decisions cut short by a collision, scenario validation, exploration noise per simulated
-second, a short DPPO run that learns, durations that stay long in open space."""
+decision is one tick, decisions cut short by a collision, scenario validation, a short DPPO run that learns."""
 
 from __future__ import annotations
 
@@ -100,55 +99,6 @@ def test_scenario_validation_rejects_unreachable_goals_and_densities_out_of_rang
     bad["obs_pos"][4, :16], bad["obs_r"][4, :16], bad["moving"][4, :16] = np.array(ring)[:, :2], 0.3, False
     report = S.validate(bad, cfg, 0.005, 0.2)
     assert report["invalid"] == {4: ["goal not reachable from the start"]}
-
-
-def test_velocity_noise_is_charged_per_simulated_second_whatever_the_duration():
-    """Whatever duration a command lasts, its (v, w) noise variance times the duration is the one-tick variance times
-    one tick (the fixed durations alike); the log-probability PPO stores when sampling is the density it evaluates
-    later, the product of tau's Gaussian and the (v, w) Gaussians given tau."""
-    import torch
-
-    from distillery.papers.smdp_nav.policy import NavActorCritic
-
-    cfg = NavConfig()
-    sigma = float(np.exp(-0.5))
-    for a_tau, tau in ((-1.0, 0.1), (1 / 9, 0.6), (1.0, 1.0)):
-        net = NavActorCritic(cfg, hidden=8, init_log_std=-0.5)
-        with torch.no_grad():
-            net.actor[-1].weight.zero_()
-            net.actor[-1].bias.copy_(torch.tensor([0.0, 0.0, a_tau]))
-            net.log_std[2] = -12.0  # the duration itself without noise
-            obs = torch.zeros(20_000, cfg.obs_dim)
-            action, logp, _, _ = net(obs, generator=torch.Generator().manual_seed(0))
-            _, again, _, _ = net(obs, action)
-        assert np.allclose(net.durations(action[:, 2]).numpy(), tau)
-        var = action[:, :2].var(0).numpy()
-        np.testing.assert_allclose(var * tau, sigma ** 2 * cfg.tick, rtol=0.05)
-        np.testing.assert_allclose(again.numpy(), logp.numpy(), rtol=1e-5, atol=1e-5)
-        std = torch.tensor([sigma * np.sqrt(cfg.tick / tau)] * 2 + [float(np.exp(-12.0))])
-        expect = torch.distributions.Normal(torch.tensor([0.0, 0.0, a_tau]), std).log_prob(action).sum(-1)
-        np.testing.assert_allclose(again.numpy(), expect.numpy(), rtol=1e-4, atol=1e-4)
-    fixed = NavActorCritic(NavConfig(fixed_tau=0.8), hidden=8)
-    with torch.no_grad():
-        action, _, _, _ = fixed(torch.zeros(20_000, fixed.obs_dim), generator=torch.Generator().manual_seed(1))
-    np.testing.assert_allclose(action.var(0).numpy() * 0.8, sigma ** 2 * cfg.tick, rtol=0.05)
-
-
-@pytest.mark.slow
-def test_durations_stay_long_in_open_space(tmp_path):
-    """A nearly empty arena (one static obstacle), where a long command costs the deterministic policy nothing: the
-    chosen durations do not collapse towards tau_min. With one noise sample per decision they did (0.21-0.30 s over
-    seeds 0-2 at this budget, against 0.51-0.67 s with the noise per simulated second)."""
-    from distillery.papers.smdp_nav import evaluate as ev
-    from distillery.papers.smdp_nav.policy import NavPolicy
-    from distillery.papers.smdp_nav.train import train_policy
-
-    cfg = NavConfig()
-    arrays = S.generate(20, seed=0, cfg=cfg, levels={"open": (1, 0)})
-    train_policy(arrays, tmp_path / "p", cfg, PPOConfig(num_envs=16), variant="smdp", sim_budget_s=16_000,
-                 rollout_s=20.0, seed=0)
-    r = ev.run_episodes(NavPolicy(tmp_path / "p"), arrays)
-    assert r["taus"].mean() > 0.4 and r["arrived"].mean() > 0.8, (r["taus"].mean(), r["arrived"].mean())
 
 
 @pytest.mark.slow

@@ -16,11 +16,7 @@ When every decision is one tick both are the same estimator. Fixed-duration poli
 fixed (the action is (v, w)); their decisions all last tau, so SMDP and naive differ only by a constant discount.
 
 The reward is charged per tick: terminal +/- on arrival / collision, progress towards the goal, and a time penalty
-per simulated second (charged per decision it would favour long durations for the wrong reason). Exploration is
-charged per simulated second too (`policy.NavActorCritic`): the (v, w) noise of a command held for tau seconds has
-standard deviation sigma sqrt(Delta / tau). One noise sample per decision would favour short durations for the wrong
-reason: a long decision holds its noisy command for longer, so the stochastic policy PPO grades loses return with
-every extra second, and the durations collapse to tau_min even in open space.
+per simulated second (charged per decision it would favour long durations for the wrong reason).
 """
 
 from distillery.papers.smdp_nav.advantage import naive_advantages, smdp_advantages

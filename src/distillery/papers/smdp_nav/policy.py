@@ -1,6 +1,5 @@
-"""The navigation actor-critic, whose exploration noise is charged per simulated second, and a saved navigation
-policy: `model.safetensors` (actor-critic weights) + `policy.json` (kind "navigation", the NavConfig it was trained
-with, network size, variant). A saved policy acts deterministically (the Gaussian's mean)."""
+"""A saved navigation policy: `model.safetensors` (actor-critic weights) + `policy.json` (kind "navigation", the
+NavConfig it was trained with, network size, variant). Acts deterministically (the Gaussian's mean)."""
 
 from __future__ import annotations
 
@@ -13,41 +12,6 @@ import torch
 from distillery.models.files import share_readable
 from distillery.papers.smdp_nav.env import NavConfig, decode_action, observe
 from distillery.rl.ppo import ActorCritic
-
-
-class NavActorCritic(ActorCritic):
-    """`ActorCritic` whose (v, w) noise has standard deviation sigma sqrt(tick / tau), tau the command's duration
-    (the chosen one, round(tau / tick) ticks, or the fixed one): a noisy command held for tau seconds then moves the
-    robot's heading and path by as much per simulated second whatever tau is. With one sigma per decision, a long
-    decision holds one noise sample for longer, so the stochastic policy that PPO grades loses return with every
-    extra second of duration, and the durations collapse to tau_min even in open space, where the deterministic
-    policy that is deployed loses nothing by acting less often. The policy stays one density: tau's component is
-    Gaussian, the (v, w) components Gaussian given it; the weights and the deterministic action are unchanged."""
-
-    def __init__(self, nav: NavConfig, hidden: int = 128, init_log_std: float = -0.5):
-        super().__init__(nav.obs_dim, nav.act_dim, hidden, init_log_std)
-        self.nav = nav
-
-    def durations(self, a_tau: torch.Tensor) -> torch.Tensor:
-        """Seconds each command lasts, as `env.decode_action` reads the duration component (clipped, whole ticks)."""
-        nav = self.nav
-        if nav.fixed_tau:
-            return torch.full_like(a_tau, nav.fixed_tau)
-        tau = nav.tau_min + (a_tau.clamp(-1, 1) + 1) / 2 * (nav.tau_max - nav.tau_min)
-        return torch.round(tau / nav.tick).clamp(min=1) * nav.tick
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor | None = None, generator: torch.Generator | None = None):
-        mean = self.actor(obs)
-        std = self.log_std.exp().expand_as(mean)
-        eps = torch.randn(mean.shape, generator=generator) if action is None else None
-        a_tau = (mean[:, -1] + std[:, -1] * eps[:, -1]) if action is None else action[:, -1]
-        # The duration only selects a sample's scale; the gradient reaches tau's mean through its own log-density.
-        scale = torch.sqrt(self.nav.tick / self.durations(a_tau.detach()))
-        std = torch.cat([std[:, :2] * scale[:, None], std[:, 2:]], 1)
-        if action is None:
-            action = mean + std * eps
-        d = torch.distributions.Normal(mean, std)
-        return action, d.log_prob(action).sum(-1), d.entropy().sum(-1), self.value(obs)
 
 
 def save_policy(out: Path, net: ActorCritic, nav: NavConfig, *, variant: str, gamma: float) -> None:

@@ -20,8 +20,8 @@ import torch
 from distillery.models.training import LogFn, make_fabric, resumable_loop
 from distillery.papers.smdp_nav.advantage import naive_advantages, smdp_advantages
 from distillery.papers.smdp_nav.env import NavConfig, NavVecEnv
-from distillery.papers.smdp_nav.policy import NavActorCritic, save_policy
-from distillery.rl.ppo import PPOConfig, ppo_update
+from distillery.papers.smdp_nav.policy import save_policy
+from distillery.rl.ppo import ActorCritic, PPOConfig, ppo_update
 
 VARIANTS = ("smdp", "naive", "fixed")
 
@@ -48,7 +48,7 @@ def train_policy(scenarios: dict, out_dir: Path, nav: NavConfig, ppo: PPOConfig,
         # the other workers (several times slower on a busy machine).
         torch.set_num_threads(1)
     torch.manual_seed(seed)
-    net = NavActorCritic(nav, ppo.hidden, ppo.init_log_std)
+    net = ActorCritic(nav.obs_dim, nav.act_dim, ppo.hidden, ppo.init_log_std)
     model, opt = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=ppo.lr, eps=1e-5))
     rank = fabric.global_rank
     gen = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own actions and minibatches
