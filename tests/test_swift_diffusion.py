@@ -312,7 +312,7 @@ def test_guidance_split_equals_one_batched_call_and_needs_guidance(pipe, source)
     assert report["guidance_split"] is True
     batched, report = _runtime(pipe, source).generate(g, output_type="np")
     assert report["guidance_split"] is False
-    np.testing.assert_allclose(split, batched, atol=1e-5)
+    np.testing.assert_allclose(split, batched, atol=1e-4)  # batch 1 vs 2 may take other kernels: rounding only
     from dataclasses import replace
     _, report = _runtime(pipe, source, guidance_split=True).generate(replace(g, guidance=1.0), output_type="np")
     assert report["guidance_split"] is False  # one half only: nothing to split
@@ -337,8 +337,8 @@ def test_split_controlnet_steers_the_conditional_half_only(pipe, source):
                     ControlNetHooks(unet, source.controlnet, image, 0.9, cn_thread, cond_only=True) as hooks:
                 both = unet(x, t, encoder_hidden_states=text).sample
             assert split.calls == hooks.calls == 1
-            torch.testing.assert_close(both[:2], plain, atol=1e-5, rtol=0)
-            torch.testing.assert_close(both[2:], steered, atol=1e-5, rtol=0)
+            torch.testing.assert_close(both[:2], plain, atol=1e-4, rtol=0)
+            torch.testing.assert_close(both[2:], steered, atol=1e-4, rtol=0)
     assert (steered - plain).abs().mean() > 1e-3  # the ControlNet does move the conditional half
 
 
