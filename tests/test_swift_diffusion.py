@@ -307,11 +307,11 @@ def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
 
 
 def test_guidance_split_equals_one_batched_call_and_needs_guidance(pipe, source):
-    g = _gen(steps=3, loras=[("ink", 0.7)])
-    split, report = _runtime(pipe, source, guidance_split=True).generate(g, output_type="np")
-    assert report["guidance_split"] is True
-    batched, report = _runtime(pipe, source).generate(g, output_type="np")
-    assert report["guidance_split"] is False
+    g = _gen(steps=3, loras=[("ink", 0.7)])  # K = 0: the LoRA from step 0 in both, whenever its fetch lands
+    split, report = _runtime(pipe, source, guidance_split=True, wait_fraction=0.0).generate(g, output_type="np")
+    assert report["guidance_split"] is True and report["loras"][0]["applied_from_step"] == 0
+    batched, report = _runtime(pipe, source, wait_fraction=0.0).generate(g, output_type="np")
+    assert report["guidance_split"] is False and report["loras"][0]["applied_from_step"] == 0
     np.testing.assert_allclose(split, batched, atol=1e-4)  # batch 1 vs 2 may take other kernels: rounding only
     from dataclasses import replace
     _, report = _runtime(pipe, source, guidance_split=True).generate(replace(g, guidance=1.0), output_type="np")

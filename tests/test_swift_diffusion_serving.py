@@ -248,6 +248,7 @@ def test_guidance_split_set_in_the_model_config_makes_the_same_image(served):
             model = SwiftDiffusionModel("swift", store.parent)
             model.check()
             model.addon_limits["guidance_split"] = split
+            model.addon_limits["wait_fraction"] = 0.0  # the LoRA from step 0 in both, whenever its fetch lands
             model.load_model()
             req = model._request(["a dark square"], {"steps": 2, "seed": 5, "guidance": 3.0,
                                                      "loras": [{"name": "ink", "scale": 0.8}]})
