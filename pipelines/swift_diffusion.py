@@ -93,7 +93,7 @@ def swift_diffusion(
         serving_steps: Denoising steps N of the serving evaluation's requests.
         wait_fraction: K/N of the released runtime: a request waits for its LoRA only at step K.
         serving_trials: Timed requests per configuration in the serving evaluation (after one warm-up).
-        quality_seeds: Images compared by SSIM for the late-patching quality (LoRA at K/N = 0.2 vs from step 0).
+        quality_seeds: Images compared by SSIM for the late-patching quality (each LoRA at K/N 0.1, 0.2, 0.4 vs from step 0).
         gate_thresholds: Gate: metric -> ["max" or "min", bound]; the release must also keep the champion's late-patching SSIM.
         model_name: Registered model name of the runtime release (base + configuration); the add-on store is <model_name>-addons.
         gpu: Deploy the predictor with one GPU.

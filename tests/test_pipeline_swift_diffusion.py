@@ -84,7 +84,7 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
     tracking.configure()
     with mlflow.start_run():
         evaluations, dirs = [], []
-        for addon in ("controlnet/edges", "lora/inverted"):
+        for addon in ("controlnet/edges", "lora/inverted", "lora/tint"):
             out = tmp_path / addon.replace("/", "-")
             m = steps.train_addon(base_dir=w["base"], dataset_dir=w["data"], out_dir=str(out), addon=addon, **TRAIN)
             assert m["final_loss"] > 0 if "final_loss" in m else m
@@ -92,7 +92,7 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
                                                     feature_net_dir=w["net"], num_per_class=1, steps=2,
                                                     guidance_scale=2.0, seed=0))
             dirs.append(str(out))
-        cn, lora = evaluations
+        cn, lora, tint = evaluations
         assert 0 <= cn["controlnet_edges_edge_f1"] <= 1 and 0 <= cn["controlnet_edges_base_edge_f1"] <= 1
         assert cn["controlnet_edges_fd"] > 0 and cn["evaluator_version"] == 1.0
         assert lora["lora_inverted_style_fd_ratio"] == pytest.approx(
@@ -104,7 +104,8 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
         store = tmp_path / "store"
         reg = steps.register_addons(addons=dirs, evaluations=[json.dumps(e) for e in evaluations], model_name="sd",
                                     store_dir=str(store))
-        assert reg["addons_version"] == "1" and reg["lora_style_fd_ratio_max"] == lora["lora_inverted_style_fd_ratio"]
+        assert reg["addons_version"] == "1" and reg["lora_style_fd_ratio_max"] == max(
+            lora["lora_inverted_style_fd_ratio"], tint["lora_tint_style_fd_ratio"])
         assert registry.storage_uri("sd-addons", "1") == reg["addons_uri"]
         assert (Path(reg["addons_uri"]) / "lora" / "inverted" / "pytorch_lora_weights.safetensors").exists()
 
@@ -115,8 +116,16 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
                                         guidance_scale=2.0, wait_fraction=0.4, trials=1, quality_seeds=2,
                                         num_per_class=1, seed=0, release_dir=str(release))
     assert served["late_patch_step"] == 1.0 and 0 < served["ssim_late_patch"] <= 1
-    assert served["ssim_late_k20"] == served["ssim_late_patch"] and 0 < served["ssim_late_k40"] <= 1
-    assert served["fd_ratio_late_k20"] == served["fd_ratio_late_patch"] > 0 and served["fd_lora_from_step_0"] > 0
+    # Every registered LoRA is scored; the headline is the worst one's, the mean beside it.
+    assert served["late_patch_loras"] == 2.0
+    for f in (20, 40):  # K/N 0.1 and 0.2 are both step 1 of 5
+        ssims = [served[f"lora_{n}_ssim_late_k{f}"] for n in ("inverted", "tint")]
+        fds = [served[f"lora_{n}_fd_ratio_late_k{f}"] for n in ("inverted", "tint")]
+        assert all(0 < x <= 1 for x in ssims) and all(x > 0 for x in fds)
+        assert served[f"ssim_late_k{f}"] == min(ssims) and served[f"fd_ratio_late_k{f}"] == max(fds)
+        assert served[f"ssim_late_k{f}_mean"] == pytest.approx(sum(ssims) / 2)
+    assert served["ssim_late_k20"] == served["ssim_late_patch"] and served["fd_ratio_late_k20"] == served["fd_ratio_late_patch"]
+    assert served["lora_inverted_fd_from_step_0"] > 0 and served["lora_tint_fd_from_step_0"] > 0
     assert served["evaluator_version"] == 1.0
     assert served["latency_ratio_cn_cold_lora"] == pytest.approx(
         served["latency_cn_cold_lora_s"] / served["baseline_latency_cn_cold_lora_s"])
@@ -127,4 +136,4 @@ def test_steps_train_evaluate_register_and_release_the_addons(world, home, tmp_p
     m = SwiftDiffusionModel("release", release)
     m.check()
     m._refresh_index()
-    assert m._index == {("controlnet", "edges"), ("lora", "inverted")}
+    assert m._index == {("controlnet", "edges"), ("lora", "inverted"), ("lora", "tint")}

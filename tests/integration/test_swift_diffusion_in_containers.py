@@ -53,6 +53,7 @@ def test_swift_diffusion_smoke_runs_in_containers(cluster_like, image, s3):
 
     served = children["evaluate-serving"].data.metrics
     assert served["late_patch_step"] == 1.0 and 0 < served["ssim_late_patch"] <= 1  # K/N = 0.2 of 5 steps
+    assert served["ssim_late_patch"] == min(served[f"lora_{s}_ssim_late_k20"] for s in ("inverted", "thick", "tint"))
     assert served["latency_ratio_cn_cold_lora"] == pytest.approx(
         served["latency_cn_cold_lora_s"] / served["baseline_latency_cn_cold_lora_s"])
     assert served["lora_style_fd_ratio_max"] == max(children[f"evaluate-lora-{s}"].data.metrics[
