@@ -228,6 +228,9 @@ def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path,
     assert s["episodes"] == 3 and 0 <= s["fall_rate"] <= 1 and "aux_r2" in s
     assert (result["length"] >= 1).all() and (result["length"] <= TINY.episode_steps).all()
     assert ev.steps_to_fraction([[10, 1.0], [20, 5.0], [30, 10.0]], 0.4) == 20
+    assert ev.steps_to_fraction([[10, 1.0], [20, 5.0], [30, 10.0]], 0.8, final=5.0) == 20  # another curve's bar
+    assert ev.steps_to_fraction([[10, 1.0], [20, 2.0]], 0.8, final=10.0) == 20  # never reached: the last step
+    assert ev.final_value([[i, float(i)] for i in range(10)]) == 7.0
 
 
 def test_pipeline_parameters_are_checked_before_any_step_runs():

@@ -45,6 +45,8 @@ def test_teacher_prior_smoke_runs_in_containers(cluster_like, image, s3):
             assert f"{name}_{cond}_return" in ev and 0 <= ev[f"{name}_{cond}_fall_rate"] <= 1
     assert ev["return"] == ev["method_noise1_return"] and ev["onnx_max_abs_diff"] <= 1e-5
     assert ev["return_ratio_vs_teacher"] == pytest.approx(ev["method_noise1_return"] / ev["teacher_noise1_return"])
+    assert ev["steps_to_no_aux_80pct_ratio"] == pytest.approx(ev["method_steps_to_no_aux_80pct"]
+                                                             / max(ev["no_aux_steps_to_80pct"], 1.0))
     artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
     assert {"learning_curves.png", "evaluation_table.md", "evaluation.json"} <= artifacts
     assert "inferenceservice.yaml" in {a.path for a in client.list_artifacts(children["deploy"].info.run_id)}

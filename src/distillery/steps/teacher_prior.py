@@ -224,6 +224,11 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
         metrics["fall_ratio_vs_dagger"] = method["fall_rate"] / max(dagger["fall_rate"], 1e-9)
     if "no-aux" in policies and np.isfinite(steps80["no-aux"]):
         metrics["steps_to_80pct_ratio_vs_no_aux"] = steps80["method"] / max(steps80["no-aux"], 1.0)
+        # Each curve to 80% of its own final favours a student that plateaus low; the same bar for both (80% of
+        # the no-auxiliary student's final return) says which one gets there sooner.
+        bar = ev.steps_to_fraction(curves["method"], 0.8, final=ev.final_value(curves["no-aux"]))
+        metrics["method_steps_to_no_aux_80pct"] = bar
+        metrics["steps_to_no_aux_80pct_ratio"] = bar / max(steps80["no-aux"], 1.0)
     # Discriminator accuracy over training: one that wins outright zeroes the style reward.
     for name, p in policies.items():
         dc = p.meta.get("disc_curve") or []

@@ -68,13 +68,18 @@ def summarize(r: dict) -> dict:
     return out
 
 
-def steps_to_fraction(curve: list, fraction: float = 0.8) -> float:
-    """Environment steps at which the learning curve first reaches `fraction` of its final value (the mean of its
-    last five points); nan for an empty curve."""
+def final_value(curve: list) -> float:
+    """A learning curve's final value: the mean of its last five points; nan for an empty curve."""
+    return float(np.asarray(curve, np.float64)[-5:, 1].mean()) if curve else float("nan")
+
+
+def steps_to_fraction(curve: list, fraction: float = 0.8, final: float | None = None) -> float:
+    """Environment steps at which the learning curve first reaches `fraction` of `final` (default: its own final
+    value); the curve's last step if it never does; nan for an empty curve."""
     if not curve:
         return float("nan")
     c = np.asarray(curve, np.float64)
-    final = c[-5:, 1].mean()
+    final = final_value(curve) if final is None else final
     reached = np.flatnonzero(c[:, 1] >= fraction * final)
     return float(c[reached[0], 0]) if len(reached) else float(c[-1, 0])
 
