@@ -370,6 +370,5 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
             metrics[f"{kind}_late_k{round(100 * f)}"] = worst(per)
             metrics[f"{kind}_late_k{round(100 * f)}_mean"] = float(np.mean(per))
     tag = round(100 * LATE_PATCH_FRACTION)
-    metrics.update(ssim_late_patch=metrics[f"ssim_late_k{tag}"], fd_ratio_late_patch=metrics[f"fd_ratio_late_k{tag}"],
-)
+    metrics.update(ssim_late_patch=metrics[f"ssim_late_k{tag}"], fd_ratio_late_patch=metrics[f"fd_ratio_late_k{tag}"])
     return {**json.loads(addon_metrics), **metrics, **evaluator_identity(feature_net_dir)}
