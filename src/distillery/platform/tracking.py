@@ -166,19 +166,32 @@ def _parents_for_kfp_run(c, exp: str, kfp_run_id: str) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
+# A parent is trusted once it is this old. Steps that race each create one; a run's start time is taken before it
+# is inserted, so a racer's older parent may appear after a look that missed it. Once the oldest parent seen is
+# older than any insert takes, no older one can still appear, and every step agrees on it.
+PARENT_SETTLE_S = 3.0
+
+
 def _parent_for_kfp_run(pipeline: str, kfp_run_id: str) -> str:
-    """Find-or-create the parent run of a KFP run. Steps may race: every process that created one looks
-    again, all agree on the oldest, and a duplicate is deleted by the process that made it."""
+    """Find-or-create the parent run of a KFP run. Steps may race: each that found none creates one, every step
+    takes the oldest parent once it has settled, and a duplicate is deleted by the process that made it."""
     if "'" in kfp_run_id:
         raise ValueError(f"kfp_run_id must not contain quotes, got {kfp_run_id!r}")
     c = client()
     exp = experiment_for(pipeline)
     found = _parents_for_kfp_run(c, exp, kfp_run_id)
-    if found:
-        return found[0].info.run_id
-    mine = start_pipeline_run(pipeline, {}, tags={"runner": "kfp"}, kfp_run_id=kfp_run_id)
-    winner = _parents_for_kfp_run(c, exp, kfp_run_id)[0].info.run_id
-    if winner != mine:
+    mine = "" if found else start_pipeline_run(pipeline, {}, tags={"runner": "kfp"}, kfp_run_id=kfp_run_id)
+    deadline = time.monotonic() + 10 * PARENT_SETTLE_S  # a pod with a skewed clock must not wait forever
+    while True:
+        found = _parents_for_kfp_run(c, exp, kfp_run_id)
+        age = time.time() - found[0].info.start_time / 1000 if found else 0.0
+        if found and (age >= PARENT_SETTLE_S or time.monotonic() >= deadline):
+            break
+        if time.monotonic() >= deadline:
+            raise LookupError(f"the parent run of KFP run {kfp_run_id!r} vanished from {tracking_uri()}")
+        time.sleep(min(max(PARENT_SETTLE_S - age, 0.05), PARENT_SETTLE_S))
+    winner = found[0].info.run_id
+    if mine and winner != mine:
         c.delete_run(mine)
     return winner
 
