@@ -169,6 +169,7 @@ def evaluate_locomotion(
     no_aux: Input[Model],
     no_disc: Input[Model],
     dagger: Input[Model],
+    bc: Input[Model],
     scratch: Input[Model],
     episodes: int,
     noise_levels: list,
@@ -183,7 +184,7 @@ def evaluate_locomotion(
     from distillery.steps import teacher_prior
 
     dirs = {"method": method.path, "no-aux": no_aux.path, "no-disc": no_disc.path, "dagger": dagger.path,
-            "scratch": scratch.path}
+            "bc": bc.path, "scratch": scratch.path}
     run_step(teacher_prior.evaluate, pipeline=pipeline, step="evaluate", kfp_run_id=kfp_run_id, kfp_metrics=metrics,
              env_dir=env.path, teacher_dir=teacher.path, student_dirs=dirs, episodes=episodes,
              noise_levels=noise_levels, wide_factor=wide_factor, table_path=table.path, render=render)

@@ -4,12 +4,12 @@ an adversarial prior and an auxiliary task (arXiv 2504.10390).
 A biped (MuJoCo Walker2d-v5) walks on rough heightfield terrain with randomized friction, masses, motor strength and
 pushes. The teacher is trained with PPO on privileged observations (terrain ahead, physical parameters, true
 velocity, foot contacts); its rollouts are validated (ranges, episode lengths, no NaN). A sweep of parallel workers
-sharing one Optuna study picks the style-reward and auxiliary weights. Five students start from the same
+sharing one Optuna study picks the style-reward and auxiliary weights. Six students start from the same
 initialization and see only a short history of noisy proprioception: the method (a least-squares discriminator on
 proprioceptive transitions rewards teacher-like motion, an auxiliary head predicts privileged quantities), without
-the auxiliary head, without the discriminator, DAgger from the teacher, and PPO from scratch. All are evaluated on
-held-out terrain, wider randomization and several noise levels; the method student is gated, registered and
-deployed as a locomotion endpoint (observation history -> action), also exported to ONNX.
+the auxiliary head, without the discriminator, DAgger and plain behaviour cloning from the teacher, and PPO from
+scratch. All are evaluated on held-out terrain, wider randomization and several noise levels; the method student
+is gated, registered and deployed as a locomotion endpoint (observation history -> action), also exported to ONNX.
 """
 
 from kfp import dsl
@@ -52,7 +52,7 @@ def teacher_prior(
     gpu: bool = False,
     seed: int = 0,
 ):
-    """Environment -> privileged teacher -> rollouts (validated) -> sweep -> five students -> evaluation -> gate ->
+    """Environment -> privileged teacher -> rollouts (validated) -> sweep -> six students -> evaluation -> gate ->
     register -> deploy the method student.
 
     Args:
@@ -88,7 +88,7 @@ def teacher_prior(
     run = dict(rollout_steps=rollout_steps, num_envs=num_envs, lr=lr, hidden=hidden, seed=seed)
 
     def learn_from(env, teacher):
-        """Rollouts (validated) -> sweep -> five students -> evaluation -> the method student gated and released."""
+        """Rollouts (validated) -> sweep -> six students -> evaluation -> the method student gated and released."""
         rollouts = teacher_rollouts(env=env, teacher=teacher, episodes=rollout_episodes, seed=seed, **t)
         checked = validate_rollouts(rollouts=rollouts.outputs["rollouts"], min_length=min_episode_length, **t)
         with dsl.ParallelFor(items=sweep_workers, parallelism=4) as worker:
@@ -99,12 +99,13 @@ def teacher_prior(
         common = dict(env=env, rollouts=rollouts.outputs["rollouts"], teacher=teacher, env_steps=student_steps,
                       w_style=best.outputs["w_style"], c_aux=best.outputs["c_aux"], **run)
         students = {}
-        for variant in ("method", "no-aux", "no-disc", "dagger", "scratch"):
+        for variant in ("method", "no-aux", "no-disc", "dagger", "bc", "scratch"):
             students[variant] = train_student(variant=variant, **common, **t).set_display_name(f"student-{variant}")
         evaluation = evaluate_locomotion(env=env, teacher=teacher, method=students["method"].outputs["student"],
                                          no_aux=students["no-aux"].outputs["student"],
                                          no_disc=students["no-disc"].outputs["student"],
                                          dagger=students["dagger"].outputs["student"],
+                                         bc=students["bc"].outputs["student"],
                                          scratch=students["scratch"].outputs["student"], episodes=eval_episodes,
                                          noise_levels=noise_levels, wide_factor=wide_factor, render=render, **t)
         decision = gate(metrics=evaluation.outputs["metrics"], model_name=model_name, thresholds=gate_thresholds,

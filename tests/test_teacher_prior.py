@@ -187,7 +187,8 @@ def test_ppo_core_learns_inverted_pendulum():
 
 def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path, home):
     """Every student starts from the same actor-critic; the method student's discriminator and auxiliary head are
-    stepped and logged; the deployed ONNX graph equals PyTorch; the DAgger student refuses a missing teacher."""
+    stepped and logged; the deployed ONNX graph equals PyTorch; the DAgger student refuses a missing teacher, and the
+    behaviour-cloning student always lets the teacher act."""
     import onnxruntime as ort
 
     from distillery.papers.teacher_prior import PriorConfig, train_dagger, train_ppo
@@ -213,8 +214,18 @@ def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path,
     with pytest.raises(FileNotFoundError, match="policy.json missing"):
         train_dagger(tmp_path / "d", TINY, tmp_path / "no-teacher", hidden=16, env_steps=60, rollout_steps=30,
                      num_envs=2)
-    train_dagger(tmp_path / "dagger", TINY, tmp_path / "teacher", hidden=16, env_steps=60, rollout_steps=30,
-                 num_envs=2)
+    logs = {}
+    for role in ("dagger", "bc"):
+        train_dagger(tmp_path / role, TINY, tmp_path / "teacher", hidden=16, env_steps=120, rollout_steps=30,
+                     num_envs=2, role=role, on_log=lambda m, step, role=role: logs.setdefault(role, []).append(m),
+                     log_every=1)
+        assert load_policy(tmp_path / role).role == role
+    # DAgger hands the wheel to the student (beta 0.5^i); behaviour cloning never does.
+    assert [m["dagger_beta"] for m in logs["dagger"]] == [1.0, 0.5]
+    assert [m["bc_beta"] for m in logs["bc"]] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="imitation student's role"):
+        train_dagger(tmp_path / "x", TINY, tmp_path / "teacher", hidden=16, env_steps=60, rollout_steps=30,
+                     num_envs=2, role="method")
 
     student = load_policy(tmp_path / "method")
     assert student.has_aux and len(student.meta["disc_curve"]) == 2 and student.meta["onnx_max_abs_diff"] <= 1e-5

@@ -13,13 +13,13 @@ from integration.containers import check_lineage
 pytestmark = pytest.mark.slow
 
 STEPS = {"env", "teacher", "rollouts", "validate", "sweep-0", "sweep-1", "select-best", "student-method",
-         "student-no-aux", "student-no-disc", "student-dagger", "student-scratch", "evaluate", "gate", "register",
-         "deploy"}
-POLICIES = ("teacher", "method", "no_aux", "no_disc", "dagger", "scratch")
+         "student-no-aux", "student-no-disc", "student-dagger", "student-bc", "student-scratch", "evaluate", "gate",
+         "register", "deploy"}
+POLICIES = ("teacher", "method", "no_aux", "no_disc", "dagger", "bc", "scratch")
 
 
 def test_teacher_prior_smoke_runs_in_containers(cluster_like, image, s3):
-    """Privileged teacher, validated rollouts, two sweep workers on one study, five students from one
+    """Privileged teacher, validated rollouts, two sweep workers on one study, six students from one
     initialization, evaluation on held-out terrain under noise and wider randomization, the method released."""
     run, client, _ = cluster_like
     seconds = run("teacher-prior", dict(model_name="teacher-prior-ct"))
@@ -45,6 +45,9 @@ def test_teacher_prior_smoke_runs_in_containers(cluster_like, image, s3):
             assert f"{name}_{cond}_return" in ev and 0 <= ev[f"{name}_{cond}_fall_rate"] <= 1
     assert ev["return"] == ev["method_noise1_return"] and ev["onnx_max_abs_diff"] <= 1e-5
     assert ev["return_ratio_vs_teacher"] == pytest.approx(ev["method_noise1_return"] / ev["teacher_noise1_return"])
+    for imitation in ("dagger", "bc"):
+        assert ev[f"return_ratio_vs_{imitation}"] == pytest.approx(ev["method_noise1_return"]
+                                                                  / ev[f"{imitation}_noise1_return"])
     assert ev["steps_to_no_aux_80pct_ratio"] == pytest.approx(ev["method_steps_to_no_aux_80pct"]
                                                              / max(ev["no_aux_steps_to_80pct"], 1.0))
     artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}

@@ -153,8 +153,9 @@ def select_best(*, results: list) -> dict:
 def train_student(*, env_dir: str, rollouts_dir: str, teacher_dir: str, out_dir: str, variant: str, env_steps: int,
                   rollout_steps: int, num_envs: int, lr: float, hidden: int, w_style: float, c_aux: float,
                   seed: int) -> dict:
-    """One student (method, no-aux, no-disc, scratch by PPO; dagger from the teacher), all from the same seed."""
-    from distillery.papers.teacher_prior import VARIANTS, PriorConfig, train_dagger, train_ppo
+    """One student (method, no-aux, no-disc, scratch by PPO; dagger and bc from the teacher), all from the same
+    seed."""
+    from distillery.papers.teacher_prior import IMITATION, VARIANTS, PriorConfig, train_dagger, train_ppo
     from distillery.papers.teacher_prior import rollouts as R
 
     if variant not in VARIANTS:
@@ -164,10 +165,10 @@ def train_student(*, env_dir: str, rollouts_dir: str, teacher_dir: str, out_dir:
     arrays, manifest = R.load(Path(rollouts_dir))
     ckpt = checkpoint_dir(f"student-{variant}", env=cfg, ppo=ppo, pc=pc, rollouts=manifest["content_sha256"],
                           teacher=dir_hash(Path(teacher_dir)), steps=env_steps, rollout=rollout_steps, seed=seed)
-    if variant == "dagger":
+    if variant in IMITATION:
         return train_dagger(Path(out_dir), cfg, Path(teacher_dir), hidden=hidden, env_steps=env_steps,
                             rollout_steps=rollout_steps, num_envs=num_envs, seed=seed, pc=pc, checkpoint_dir=ckpt,
-                            on_log=log_metrics)
+                            on_log=log_metrics, role=variant)
     return train_ppo(Path(out_dir), cfg, ppo, role=variant, env_steps=env_steps, rollout_steps=rollout_steps, seed=seed,
                      pc=pc, rollouts=arrays, checkpoint_dir=ckpt, on_log=log_metrics)
 
@@ -213,7 +214,6 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
                         if np.isfinite(v) and (cond == train_noise or not k.startswith("aux_r2_"))})
     curves = {n: p.meta["curve"] for n, p in policies.items()}
     steps80 = {n: ev.steps_to_fraction(c) for n, c in curves.items()}
-    dagger = summary.get(f"dagger/{train_noise}")
     metrics.update({
         "return": method["return"], "fall_rate": method["fall_rate"],
         "return_ratio_vs_teacher": method["return"] / max(teacher["return"], 1e-9),
@@ -222,9 +222,12 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
     })
     if "aux_r2" in method:
         metrics["aux_r2"] = method["aux_r2"]
-    if dagger is not None:
-        metrics["return_ratio_vs_dagger"] = method["return"] / max(dagger["return"], 1e-9)
-        metrics["fall_ratio_vs_dagger"] = method["fall_rate"] / max(dagger["fall_rate"], 1e-9)
+    # Against both imitation students: DAgger (the usual distillation) and plain behaviour cloning, whose
+    # distribution shift is what the paper's adversarial prior is meant to avoid.
+    for name in ("dagger", "bc"):
+        if (other := summary.get(f"{name}/{train_noise}")) is not None:
+            metrics[f"return_ratio_vs_{name}"] = method["return"] / max(other["return"], 1e-9)
+            metrics[f"fall_ratio_vs_{name}"] = method["fall_rate"] / max(other["fall_rate"], 1e-9)
     if "no-aux" in policies and np.isfinite(steps80["no-aux"]):
         metrics["steps_to_80pct_ratio_vs_no_aux"] = steps80["method"] / max(steps80["no-aux"], 1.0)
         # Each curve to 80% of its own final favours a student that plateaus low; the same bar for both (80% of

@@ -38,7 +38,7 @@ PPO from scratch on o_S.
 
 from distillery.papers.teacher_prior.env import TerrainConfig, TerrainVecEnv
 from distillery.papers.teacher_prior.model import Discriminator, LocoPolicy, discriminator_loss, style_reward
-from distillery.papers.teacher_prior.train import VARIANTS, PriorConfig, train_dagger, train_ppo
+from distillery.papers.teacher_prior.train import IMITATION, VARIANTS, PriorConfig, train_dagger, train_ppo
 
-__all__ = ["Discriminator", "LocoPolicy", "PriorConfig", "TerrainConfig", "TerrainVecEnv", "VARIANTS",
+__all__ = ["IMITATION", "Discriminator", "LocoPolicy", "PriorConfig", "TerrainConfig", "TerrainVecEnv", "VARIANTS",
            "discriminator_loss", "style_reward", "train_dagger", "train_ppo"]

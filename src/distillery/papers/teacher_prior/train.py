@@ -1,5 +1,5 @@
 """Training loops on Lightning Fabric: the privileged teacher and the PPO students (one loop, `train_ppo`), and the
-DAgger student (`train_dagger`). Each loop runs in one process (the discriminator and the auxiliary head are
+DAgger and behaviour-cloning students (`train_dagger`). Each loop runs in one process (the discriminator and the auxiliary head are
 stepped outside a DDP wrapper's forward, so they would not be averaged across ranks).
 
 Students (`VARIANTS`), all built from the same seed so their actor-critics start equal:
@@ -10,6 +10,8 @@ Students (`VARIANTS`), all built from the same seed so their actor-critics start
   dagger   DAgger: the student acts (the teacher with probability beta_i = dagger_beta ** i at iteration i), the
            teacher labels every visited state with its action, the student regresses on minibatches drawn from
            the aggregate (MSE)
+  bc       behaviour cloning: the same regression on the states the teacher visits (the teacher always acts), so
+           the student never learns from its own mistakes: the distribution shift the motion prior is meant to avoid
 Rewards are divided by a running std of the discounted return (CleanRL's NormalizeReward); a time-out bootstraps
 r + gamma V(s_final).
 """
@@ -28,7 +30,8 @@ from distillery.papers.teacher_prior.env import ACT, AUX, PROPRIO, TerrainConfig
 from distillery.papers.teacher_prior.model import Discriminator, LocoPolicy, discriminator_loss, style_reward
 from distillery.rl.ppo import PPOConfig, gae, ppo_update
 
-VARIANTS = ("method", "no-aux", "no-disc", "dagger", "scratch")
+VARIANTS = ("method", "no-aux", "no-disc", "dagger", "bc", "scratch")
+IMITATION = ("dagger", "bc")  # trained by train_dagger, not PPO
 TRAIN_SEEDS = (0, 100_000)  # terrain seeds of training; evaluation draws from above
 EVAL_SEEDS = (100_000, 200_000)
 
@@ -67,8 +70,9 @@ class PriorConfig:
 
 def uses(variant: str) -> tuple[bool, bool]:
     """(motion prior, auxiliary head) of a PPO student."""
-    if variant not in VARIANTS or variant == "dagger":
-        raise ValueError(f"a PPO student variant is one of {[v for v in VARIANTS if v != 'dagger']}, got {variant!r}")
+    if variant not in VARIANTS or variant in IMITATION:
+        ppo_variants = [v for v in VARIANTS if v not in IMITATION]
+        raise ValueError(f"a PPO student variant is one of {ppo_variants}, got {variant!r}")
     return variant in ("method", "no-aux"), variant in ("method", "no-disc")
 
 
@@ -276,11 +280,14 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
 def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden: int, env_steps: int,
                  rollout_steps: int, num_envs: int, seed: int = 0, init_log_std: float = -0.5,
                  pc: PriorConfig | None = None, checkpoint_dir: Path | str | None = None,
-                 on_log: LogFn | None = None, log_every: int = 5) -> dict:
-    """DAgger from the frozen teacher (it must exist: the student refuses to start without it)."""
+                 on_log: LogFn | None = None, log_every: int = 5, role: str = "dagger") -> dict:
+    """DAgger (role "dagger") or behaviour cloning (role "bc": the teacher always acts) from the frozen teacher (it
+    must exist: the student refuses to start without it)."""
     from distillery.papers.teacher_prior.policy import load_policy, save_policy
 
     cfg, pc = cfg.check(), (pc or PriorConfig()).check()
+    if role not in IMITATION:
+        raise ValueError(f"an imitation student's role is one of {IMITATION}, got {role!r}")
     teacher = load_policy(Path(teacher_dir), role="teacher")  # raises clearly when the artifact is missing
     for p in teacher.net.parameters():
         p.requires_grad_(False)
@@ -306,7 +313,7 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
 
     def step_fn(it: int) -> dict:
         nonlocal obs, done_steps
-        beta = pc.dagger_beta ** it
+        beta = 1.0 if role == "bc" else pc.dagger_beta ** it
         for _ in range(rollout_steps):
             x = _tensor(obs["student"], dev)
             net.norm.update(x)
@@ -339,15 +346,15 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
 
     def log(metrics: dict, step: int) -> None:
         if on_log:
-            on_log({**metrics, **{f"dagger_{k}": v for k, v in last.items() if np.isfinite(v)}}, step)
+            on_log({**metrics, **{f"{role}_{k}": v for k, v in last.items() if np.isfinite(v)}}, step)
 
     t0 = time.perf_counter()
-    metrics = resumable_loop("dagger", model, opt, iters, checkpoint_dir, 10, gen, step_fn, log if on_log else None,
+    metrics = resumable_loop(role, model, opt, iters, checkpoint_dir, 10, gen, step_fn, log if on_log else None,
                              log_every, dict(cfg=cfg.as_dict(), prior=pc.as_dict(), hidden=hidden, env_steps=env_steps,
                                              rollout_steps=rollout_steps, num_envs=num_envs, seed=seed),
                              fabric=fabric)
     wall = time.perf_counter() - t0
-    save_policy(Path(out_dir), net.cpu(), cfg, role="dagger", curve=curve, disc_curve=[])
+    save_policy(Path(out_dir), net.cpu(), cfg, role=role, curve=curve, disc_curve=[])
     return {**metrics, "iterations": float(iters), "env_steps": float(done_steps),
             "env_steps_per_s": done_steps / max(wall, 1e-9),
             **{f"final_{k}": float(v) for k, v in last.items() if np.isfinite(v)}}
