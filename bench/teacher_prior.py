@@ -38,7 +38,8 @@ def main() -> None:
     if f"bc_{noise}_return" in m:  # runs before the behaviour-cloning student have none
         rows += [
             (f"return: method vs plain BC ({noise})", m[f"method_{noise}_return"], m[f"bc_{noise}_return"], ""),
-            (f"fall rate: method vs plain BC ({noise})", m[f"method_{noise}_fall_rate"], m[f"bc_{noise}_fall_rate"], ""),
+            (f"fall rate: method vs plain BC ({noise})", m[f"method_{noise}_fall_rate"], m[f"bc_{noise}_fall_rate"],
+             ""),
             ("return: method vs plain BC (wider randomization)", m["method_wide_return"], m["bc_wide_return"], ""),
         ]
     for s in (s for s in STUDENTS[1:] if f"{s}_{noise}_return" in m):

@@ -1,6 +1,6 @@
 """Training loops on Lightning Fabric: the privileged teacher and the PPO students (one loop, `train_ppo`), and the
-DAgger and behaviour-cloning students (`train_dagger`). Each loop runs in one process (the discriminator and the auxiliary head are
-stepped outside a DDP wrapper's forward, so they would not be averaged across ranks).
+DAgger and behaviour-cloning students (`train_dagger`). Each loop runs in one process (the discriminator and the
+auxiliary head are stepped outside a DDP wrapper's forward, so they would not be averaged across ranks).
 
 Students (`VARIANTS`), all built from the same seed so their actor-critics start equal:
   method   PPO on r = w_task r_task + w_style r_s with the motion prior, + c_aux auxiliary loss
