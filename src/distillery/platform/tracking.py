@@ -2,7 +2,8 @@
 
 Steps run in separate processes (the KFP runner's subprocesses or a cluster's pods). They find their
 parent run from the settings (`distillery run` opens it and names it in DISTILLERY_PARENT_RUN_ID) or,
-on a cluster, by the KFP run id: the first step of a KFP run creates the parent and the others find it.
+on a cluster, by the KFP run id: a step that finds none creates one, steps that start together may each
+create one, and all take the oldest once it has settled (`PARENT_SETTLE_S`); the others are deleted.
 Everything switches by settings alone: sqlite + local artifacts by default, an MLflow server with an
 s3:// artifact root (any S3 endpoint) in production.
 """
