@@ -46,14 +46,20 @@ def main() -> None:
         rows.append((f"return: {s} vs method ({noise})", m[f"{s}_{noise}_return"], m[f"method_{noise}_return"], ""))
     table = {k: v for k, v in m.items() if k.startswith(("teacher_", *(f"{s}_" for s in STUDENTS)))
              and k.rsplit("_", 1)[-1] in ("return", "ci", "rate", "distance", "error", "r2")}
-    dagger_falls = m[f"dagger_{noise}_fall_rate"]
-    falls_better = dagger_falls > 0 and m[f"method_{noise}_fall_rate"] <= 0.7 * dagger_falls
+    def beats(student: str) -> bool:
+        """The issue's imitation target against one student: return >= 1.15x, or fall rate <= 0.7x."""
+        falls = m[f"{student}_{noise}_fall_rate"]
+        return (m[f"return_ratio_vs_{student}"] >= 1.15
+                or (falls > 0 and m[f"method_{noise}_fall_rate"] <= 0.7 * falls))
+
     targets = {
         "method >= 0.85x teacher's return": m["return_ratio_vs_teacher"] >= 0.85,
-        "method >= 1.15x DAgger's return or <= 0.7x its fall rate": m["return_ratio_vs_dagger"] >= 1.15 or falls_better,
+        "method >= 1.15x DAgger's return or <= 0.7x its fall rate": beats("dagger"),
         "steps to 80%: method <= 0.7x no-aux": m.get("steps_to_80pct_ratio_vs_no_aux", float("inf")) <= 0.7,
         "auxiliary R^2 >= 0.7": m.get("aux_r2", float("-inf")) >= 0.7,
     }
+    if "return_ratio_vs_bc" in m:
+        targets["method >= 1.15x plain BC's return or <= 0.7x its fall rate"] = beats("bc")
     extra.update(targets=targets, metrics=table, aux_r2=m.get("aux_r2"))
     report("teacher_prior", rows, extra)
     for name, met in targets.items():
