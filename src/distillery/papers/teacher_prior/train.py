@@ -318,11 +318,13 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
             x = _tensor(obs["student"], dev)
             net.norm.update(x)
             label = teacher.net.act_deterministic(_tensor(obs["teacher"], dev)).cpu().numpy()
-            own = net.act_deterministic(x).cpu().numpy()
             use_teacher = rng.random(num_envs) < beta
+            # The student's own action only where it drives (never at beta 1: BC, DAgger's first iteration).
+            act = label if use_teacher.all() else np.where(use_teacher[:, None], label,
+                                                           net.act_deterministic(x).cpu().numpy())
             xs.append(obs["student"])
             ys.append(label)
-            obs, _, _, _, info = env.step(np.where(use_teacher[:, None], label, own))
+            obs, _, _, _, info = env.step(act)
             recent.extend((float(info["episode_return"][i]), bool(info["fell"][i]))
                           for i, f in enumerate(info["final"]) if f is not None)
         del xs[:-max(1, pc.dagger_buffer // num_envs)], ys[:-max(1, pc.dagger_buffer // num_envs)]
