@@ -203,10 +203,7 @@ def test_tiny_method_run_teacher_rollouts_students_onnx_and_evaluation(tmp_path,
     assert a.ac.actor[0].in_features == TINY.student_dim  # the policy's input is the history alone
 
     ppo = PPOConfig(num_envs=2, hidden=16, epochs=1, minibatches=2)
-    lrs = []
-    train_ppo(tmp_path / "teacher", TINY, replace(ppo, anneal_lr=True), role="teacher", env_steps=120,
-              rollout_steps=30, on_log=lambda m, step: lrs.append(m["teacher_lr"]), log_every=1)
-    assert lrs == pytest.approx([ppo.lr, ppo.lr / 2])  # 2 iterations, annealed linearly towards 0
+    train_ppo(tmp_path / "teacher", TINY, ppo, role="teacher", env_steps=120, rollout_steps=30)
     teacher = load_policy(tmp_path / "teacher", role="teacher")
     arrays = R.collect(teacher, TINY, 2, num_envs=2)
     m = train_ppo(tmp_path / "method", TINY, ppo, role="method", env_steps=120, rollout_steps=30, rollouts=arrays,

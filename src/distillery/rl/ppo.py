@@ -30,7 +30,6 @@ class PPOConfig:
     lam: float = 0.95  # GAE lambda (per decision)
     hidden: int = 128  # width of the actor and critic MLPs
     init_log_std: float = -0.5  # initial log std of the Gaussian policy
-    anneal_lr: bool = False  # decay lr linearly towards 0 over the run (CleanRL's anneal_lr)
 
     def check(self) -> "PPOConfig":
         problems = [f"{k} must be > 0, got {getattr(self, k)}" for k in ("lr", "num_envs", "epochs", "minibatches",
@@ -85,12 +84,6 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor(obs).clamp(-1, 1)
-
-
-def lr_at(cfg: PPOConfig, iteration: int, iterations: int) -> float:
-    """The learning rate of 0-based `iteration` of `iterations`: cfg.lr, or with `anneal_lr` cfg.lr (1 - i / n),
-    so the last update is a small one and the run ends on a settled policy rather than a snapshot of a moving one."""
-    return cfg.lr * (1.0 - iteration / iterations) if cfg.anneal_lr else cfg.lr
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, dones: np.ndarray,

@@ -44,9 +44,7 @@ def env_config(*, out_dir: str, episode_steps: int, terrain_height: float, push_
 def _ppo(num_envs: int, lr: float, hidden: int):
     from distillery.rl.ppo import PPOConfig
 
-    # Annealed: the students' deterministic policies moved a lot between late snapshots at a constant lr (seed 0:
-    # return 615 after 600k steps, 370 after 1.2M), so the policy a run ends on was a matter of where it stopped.
-    return PPOConfig(lr=lr, num_envs=num_envs, hidden=hidden, anneal_lr=True)
+    return PPOConfig(lr=lr, num_envs=num_envs, hidden=hidden)
 
 
 def train_teacher(*, env_dir: str, out_dir: str, env_steps: int, rollout_steps: int, num_envs: int, lr: float,

@@ -28,7 +28,7 @@ import torch
 from distillery.models.training import LogFn, make_fabric, resumable_loop
 from distillery.papers.teacher_prior.env import ACT, AUX, PROPRIO, TerrainConfig, TerrainVecEnv
 from distillery.papers.teacher_prior.model import Discriminator, LocoPolicy, discriminator_loss, style_reward
-from distillery.rl.ppo import PPOConfig, gae, lr_at, ppo_update
+from distillery.rl.ppo import PPOConfig, gae, ppo_update
 
 VARIANTS = ("method", "no-aux", "no-disc", "dagger", "bc", "scratch")
 IMITATION = ("dagger", "bc")  # trained by train_dagger, not PPO
@@ -202,8 +202,6 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
 
     def step_fn(it: int) -> dict:
         nonlocal obs, done_steps
-        for group in opt.param_groups:
-            group["lr"] = lr_at(ppo, it, iters)
         b = {k: [] for k in ("obs", "actions", "logprobs", "values", "r_task", "done", "boot", "p", "p_next", "aux")}
         for _ in range(rollout_steps):
             x = _tensor(obs[key], dev)
@@ -254,7 +252,7 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
         done_steps += reward.size
         del recent[:-100]
         _curve_point(curve, done_steps, recent)
-        last.update(stats, lr=opt.param_groups[0]["lr"], task_reward=float(a["r_task"].mean()),
+        last.update(stats, task_reward=float(a["r_task"].mean()),
                     episode_return=curve[-1][1] if curve else float("nan"),
                     fall_rate=curve[-1][2] if curve else float("nan"))
         return {"loss": stats["loss"]}
