@@ -5,8 +5,9 @@ kind and its swift-diffusion-baseline twin built on the same model folder and ad
    request, ControlNet before the UNet, unfuse + unload), with the store as it is and with a slower store
    (`--fetch-delay-ms` added to every add-on fetch);
 2. add-on overhead vs a no-add-on request: a cold LoRA whose fetch fits within K steps, a resident LoRA, the
-   ControlNet run concurrently with the UNet and sequentially, and the machine's own parallel headroom (two
-   one-thread matmul loops at once vs one after the other: the cap of the concurrent ControlNet's gain);
+   ControlNet run concurrently with the UNet (in its worker process, and on a thread) and sequentially, and the
+   machine's own parallel headroom (two one-thread matmul loops at once vs one after the other: the cap of the
+   concurrent ControlNet's gain);
 3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
    with the no-LoRA image as the floor; and of the guidance split's ControlNet on the conditional half only,
    against the ControlNet on both halves (the no-ControlNet image as the floor).
@@ -188,7 +189,8 @@ def main() -> None:
                           control_image=_control_image(ours).repeat(len(seeds), 1, 1, 1) if cn else None, **kw)
 
     def split_runtime(m):  # the same model and cache, guidance's halves on two threads
-        return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, guidance_split=True)
+        return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, guidance_split=True,
+                            controlnet_process=m.addon_limits["controlnet_process"])
 
     # 1. one ControlNet + one cold LoRA, ours (without and with the guidance split) vs diffusers, two store latencies
     for delay_ms in (0.0, opts.fetch_delay_ms):
@@ -209,17 +211,20 @@ def main() -> None:
     ours = _predictor(SwiftDiffusionModel, model, delay_s)
     sequential_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction,
                                  parallel_controlnet=False)
+    thread_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction, controlnet_process=False)
     rt, fresh = ours.runtime, ours.fresh_cache
     split_rt = split_runtime(ours)
-    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _), (split, _), (split_cn, _) = _measure(
-        [(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
-         (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False),
-         (split_rt, fresh, gen(), False), (split_rt, fresh, gen(cn=True), False)], opts.trials)
+    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _), (threaded, _), (split, _), (split_cn, _) = \
+        _measure([(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
+                  (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False),
+                  (thread_rt, fresh, gen(cn=True), False), (split_rt, fresh, gen(), False),
+                  (split_rt, fresh, gen(cn=True), False)], opts.trials)
     rows += [(f"cold LoRA (fetch {delay_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold, plain, "s"),
              ("resident LoRA vs no add-on", hot, plain, "s"),
              ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
              ("ControlNet sequential vs no add-on", sequential, plain, "s"),
              ("ControlNet concurrent vs sequential", parallel, sequential, "s"),
+             ("ControlNet concurrent: own process vs a thread of the server's", parallel, threaded, "s"),
              ("no add-on: guidance split vs one batched call", split, plain, "s"),
              ("ControlNet: split, conditional half only vs concurrent, both halves", split_cn, parallel, "s"),
              ("machine headroom: two kernel threads vs one after the other", *_headroom(), "s")]

@@ -265,6 +265,8 @@ def main() -> None:
                     help="Replays per rate and runtime; the table shows the median of each measure.")
     ap.add_argument("--calibration", type=int, default=6, help="Requests timed one by one for the capacity.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--thread-controlnet", action="store_true",
+                    help="Our ControlNet on a thread of the server's instead of its own worker process.")
     opts = ap.parse_args()
 
     # Imported here so that the trace generator above loads without torch (its test stays fast).
@@ -287,6 +289,7 @@ def main() -> None:
                                              wait_fraction=opts.wait_fraction), work)
     cfg_path = model / "distillery.json"
     cfg = json.loads(cfg_path.read_text())
+    cfg["controlnet_process"] = not opts.thread_controlnet
     rows: list[tuple[str, float, float, str]] = []
     extra: dict = {"requests": opts.requests, "repeats": opts.repeats, "steps": opts.steps, "guidance": opts.guidance,
                    "wait_fraction": opts.wait_fraction, "zipf_s": opts.zipf, "controlnet_p": opts.controlnet_p,

@@ -3,6 +3,7 @@ and their files as diffusers reads them."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -295,8 +296,8 @@ def test_base_weights_are_restored_bit_for_bit_after_many_mixed_requests(pipe, s
 def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9)
     parallel, report = _runtime(pipe, source, parallel_controlnet=True).generate(g, output_type="np")
-    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "conditional_half_only": False,
-                                   "unet_calls": 3}
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "process": False,
+                                   "conditional_half_only": False, "unet_calls": 3}
     sequential, report = _runtime(pipe, source, parallel_controlnet=False).generate(g, output_type="np")
     assert report["controlnet"]["parallel"] is False
     np.testing.assert_allclose(parallel, sequential, atol=1e-6)
@@ -304,6 +305,76 @@ def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     np.testing.assert_allclose(parallel, reference, atol=1e-5)  # StableDiffusionControlNetPipeline
     plain, _ = _runtime(pipe, source).generate(_gen(steps=3), output_type="np")
     assert np.abs(parallel - plain).mean() > 0.01  # the ControlNet steers the image
+
+
+def test_controlnet_process_equals_sequential_survives_its_worker_and_restores_weights(pipe, source, monkeypatch):
+    """ControlNet-as-a-service in its own process: the same image as in-process, with or without the guidance
+    split; a ControlNet is copied to the worker once; a worker killed between requests is started again, one
+    killed mid-request fails that request only, with the base weights restored."""
+    g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9, loras=[("ink", 0.7)])
+    sequential, _ = _runtime(pipe, source, parallel_controlnet=False, wait_fraction=0.0).generate(g, output_type="np")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    rt = _runtime(pipe, source, controlnet_process=True, wait_fraction=0.0)
+    try:
+        image, report = rt.generate(g, output_type="np")
+        assert report["controlnet"]["process"] is True and report["controlnet"]["unet_calls"] == 3
+        assert rt.unet_threads(g) == max(1, rt.cores - 1)
+        np.testing.assert_allclose(image, sequential, atol=1e-5)
+        again, report = rt.generate(g, output_type="np")
+        np.testing.assert_allclose(again, image, atol=0)
+        assert len(rt.executor._sent) == 1  # the weights crossed once
+        split_rt = _runtime(pipe, source, controlnet_process=True, guidance_split=True, wait_fraction=0.0)
+        try:
+            split, report = split_rt.generate(g, output_type="np")
+            assert report["guidance_split"] is True and report["controlnet"]["conditional_half_only"] is True
+            in_process, _ = _runtime(pipe, source, guidance_split=True, wait_fraction=0.0).generate(g, output_type="np")
+            np.testing.assert_allclose(split, in_process, atol=1e-5)
+        finally:
+            split_rt.close()
+        service, submit = rt.executor, rt.executor.submit
+        service._proc.kill()  # between requests: the next one starts a new worker
+        service._proc.join()
+        restarted, _ = rt.generate(g, output_type="np")
+        np.testing.assert_allclose(restarted, image, atol=0)
+
+        def dies_at_second_step(*args):
+            if service.submitted == 1:
+                service._proc.kill()
+                service._proc.join()
+            service.submitted += 1
+            return submit(*args)
+
+        service.submitted = 0
+        monkeypatch.setattr(service, "submit", dies_at_second_step)
+        with pytest.raises(RuntimeError, match="ControlNet worker process stopped"):
+            rt.generate(g, output_type="np")
+        assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())  # restored after it
+        monkeypatch.undo()
+        np.testing.assert_allclose(rt.generate(g, output_type="np")[0], image, atol=0)
+    finally:
+        rt.close()
+
+
+def test_controlnet_process_answers_a_broken_controlnet_with_an_error_and_keeps_serving(pipe, source):
+    from distillery.papers.swift_diffusion.runtime import ControlNetHooks, ControlNetProcess
+
+    service = ControlNetProcess()
+    unet, image = pipe.unet, _control()
+    sample, text = torch.randn(2, 4, 4, 4), torch.randn(2, 77, unet.config.cross_attention_dim)
+    try:
+        wrong = copy.deepcopy(source.controlnet)
+        wrong.register_buffer("surprise", torch.zeros(1))  # a state the worker's fresh model cannot load
+        with torch.no_grad(), ControlNetHooks(unet, wrong, image, 1.0, service):
+            with pytest.raises(RuntimeError, match="load: RuntimeError"):
+                unet(sample, 10, encoder_hidden_states=text)
+        with torch.no_grad():
+            with ControlNetHooks(unet, source.controlnet, image, 1.0, service):
+                served = unet(sample, 10, encoder_hidden_states=text).sample
+            with ControlNetHooks(unet, source.controlnet, image, 1.0):
+                here = unet(sample, 10, encoder_hidden_states=text).sample
+        torch.testing.assert_close(served, here, atol=1e-5, rtol=0)
+    finally:
+        service.close()
 
 
 def test_guidance_split_equals_one_batched_call_and_needs_guidance(pipe, source):

@@ -106,8 +106,8 @@ def test_v1_loras_and_controlnet_report_what_happened(served):
     report = first.json()["predictions"][0]["addons"]
     assert [(e["name"], e["cache"]) for e in report["loras"]] == [("ink", "miss"), ("bold", "miss")]
     assert all(0 <= e["applied_from_step"] <= report["wait_step"] == 1 for e in report["loras"])
-    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "conditional_half_only": False,
-                                    "unet_calls": 3}
+    assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "process": True,
+                                    "conditional_half_only": False, "unet_calls": 3}
     again = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
                 controlnet={"name": "edges", "image": EDGES, "scale": 0.9}).json()["predictions"][0]
     assert [(e["cache"], e["applied_from_step"]) for e in again["addons"]["loras"]] == [("hit", 0), ("hit", 0)]

@@ -14,13 +14,16 @@ putting their loading and patching on a request's critical path. How it maps to 
   for bit (subtracting the delta again would not be: float addition does not invert exactly).
 - ControlNet-as-a-service. The UNet needs the ControlNet's residuals only in its up path: diffusers adds the down
   residuals to the skip connections and the mid residual after the mid block. `ControlNetHooks` starts the ControlNet
-  on its own thread when the UNet is called and joins it after the mid block, so it runs concurrently with the down
-  and mid blocks; the residuals are added in place where diffusers adds them. Thread budget: on 2 cores the UNet
-  and the ControlNet get one intra-op thread each (one per core, nothing oversubscribed); PyTorch kernels release the
-  GIL, so the two threads overlap in the kernels, not in diffusers' Python glue (which is why a tiny model gains
-  little on CPU while an SD-1.5-sized one, kernel-bound, gains most of the ControlNet's time). A call's UNet
-  takes the cores its other threads do not hold (`unet_threads`): all of them without a concurrent ControlNet or
-  a split, and always for the baseline, whose work is one thread's, as a plain diffusers user runs it.
+  when the UNet is called and joins it after the mid block, so it runs concurrently with the down and mid blocks;
+  the residuals are added in place where diffusers adds them. The ControlNet runs on a thread of ours, or
+  (`controlnet_process=True`, CPU) in a worker process of its own, `ControlNetProcess`: the paper's service. PyTorch
+  kernels release the GIL, so two threads overlap in the kernels only, not in diffusers' Python glue; a step of a
+  small model on a CPU is mostly glue, and there the thread gains nothing while the process takes the ControlNet's
+  time off the step down to what outlasts the down path (`bench/swift_diffusion.py` measures both). The process
+  costs a copy of each ControlNet it serves and an array round trip per step. Thread budget: on 2 cores the UNet
+  and the ControlNet get one intra-op thread each (one per core, nothing oversubscribed). A call's UNet takes the
+  cores its other workers do not hold (`unet_threads`): all of them without a concurrent ControlNet or a split, and
+  always for the baseline, whose work is one thread's, as a plain diffusers user runs it.
 - Guidance split (`guidance_split=True`). Under classifier-free guidance the UNet's batch is [unconditional;
   conditional]. `GuidanceSplit` runs the unconditional half on a worker thread of its own (one intra-op thread) while
   the caller runs the conditional half, and concatenates the two outputs, so two cores share one step even where one
@@ -35,6 +38,7 @@ putting their loading and patching on a request's critical path. How it maps to 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -198,7 +202,7 @@ class LatePatch:
 
 class ControlNetHooks:
     """A ControlNet attached to a UNet by forward hooks (the UNet is not edited): started when the UNet is called,
-    on `executor`'s thread (None: right there, sequentially), joined after the mid block; its residuals are added
+    on `executor`'s thread or in a `ControlNetProcess` (None: right there, sequentially), joined after the mid block; its residuals are added
     in place to the skip connections and to the mid block's output, exactly where diffusers adds them.
     `image` is the condition in [0, 1], one per prompt (B, 3, H, W); under guidance the UNet's batch is
     [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline.
@@ -206,7 +210,7 @@ class ControlNetHooks:
     the half the calling thread runs; the hooks ignore the unconditional half on the split's worker thread."""
 
     def __init__(self, unet, controlnet, image: torch.Tensor, scale: float = 1.0,
-                 executor: ThreadPoolExecutor | None = None, cond_only: bool = False):
+                 executor: ThreadPoolExecutor | ControlNetProcess | None = None, cond_only: bool = False):
         self.unet, self.controlnet, self.image, self.scale, self.executor = unet, controlnet, image, scale, executor
         self.cond_only = cond_only
         self._handles: list = []
@@ -217,6 +221,8 @@ class ControlNetHooks:
 
     def __enter__(self) -> "ControlNetHooks":
         u = self.unet
+        if isinstance(self.executor, ControlNetProcess):
+            self.executor.begin(self.controlnet, self.image, self.scale)
         self._handles = [u.register_forward_pre_hook(self._start, with_kwargs=True),
                          u.conv_in.register_forward_hook(lambda m, a, out: self._skip(out)),
                          *[b.register_forward_hook(lambda m, a, out: self._skip(*out[1])) for b in u.down_blocks],
@@ -251,6 +257,8 @@ class ControlNetHooks:
             done: Future = Future()
             done.set_result(self._run(sample, timestep, text))
             self._job = done
+        elif isinstance(self.executor, ControlNetProcess):
+            self._job = self.executor.submit(sample, timestep, text)
         else:
             self._job = self.executor.submit(_in_callers_mode(self._run), sample, timestep, text)
 
@@ -263,6 +271,149 @@ class ControlNetHooks:
         for skip, residual in zip(self._skips, down):
             skip.add_(residual)  # the UNet's up path reads these very tensors
         return output + mid
+
+
+_SERVICE_KEYS = itertools.count()
+
+
+class ControlNetProcess:
+    """ControlNet-as-a-service in a worker process of its own: the ControlNet overlaps the UNet's down path without
+    sharing the interpreter's lock. A thread overlaps only inside PyTorch kernels; where a step is mostly diffusers'
+    Python glue (a small model, a CPU), the two threads take turns and the ControlNet gains nothing. The process
+    (spawned at the first ControlNet call, one intra-op thread per `threads`) keeps a copy of the last `keep`
+    ControlNets it was sent (a ControlNet's weights are copied once, when a request first uses it); per step it
+    receives the latents, timestep and text embeddings and answers the residuals. CPU only: tensors cross as
+    arrays. A request that ends between a step's start and its join leaves one answer unread, drained before the
+    next request's first step; a worker that dies fails its request and is started again for the next one."""
+
+    def __init__(self, threads: int = 1, keep: int = 2):
+        self.threads, self.keep = threads, keep
+        self._conn = self._proc = None
+        self._sent: OrderedDict[int, None] = OrderedDict()
+        self._unread = 0
+
+    def _ensure(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        import multiprocessing as mp
+
+        self.close()
+        ctx = mp.get_context("spawn")  # never fork a process that runs server and fetch threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_controlnet_service, args=(child, self.threads), daemon=True,
+                                 name="controlnet-service")
+        self._proc.start()
+        child.close()
+        self._sent.clear()
+        self._unread = 0
+
+    def begin(self, controlnet, image: torch.Tensor, scale: float) -> None:
+        """Before a request's first step: this ControlNet (sent once), its condition image and scale."""
+        self._ensure()
+        self._drain()
+        key = vars(controlnet).get("_service_key")
+        if key is None:  # a token of our own: the id of a collected model can come back
+            key = controlnet._service_key = next(_SERVICE_KEYS)
+        if key not in self._sent:
+            self._send(("load", key, dict(controlnet.config),
+                        {k: v.detach().cpu().numpy() for k, v in controlnet.state_dict().items()}))
+            self._sent[key] = None
+            while len(self._sent) > self.keep:
+                self._send(("drop", self._sent.popitem(last=False)[0]))
+        self._sent.move_to_end(key)
+        self._send(("begin", key, image.detach().cpu().numpy(), float(scale)))
+
+    def submit(self, sample: torch.Tensor, timestep, text: torch.Tensor) -> "ControlNetProcess":
+        t = timestep.detach().cpu().numpy() if isinstance(timestep, torch.Tensor) else timestep
+        self._send(("run", sample.detach().cpu().numpy(), t, text.detach().cpu().numpy()))
+        self._unread += 1
+        return self
+
+    def result(self):
+        """The residuals of the last `submit` (down tuple, mid), as `ControlNetModel` returns them."""
+        kind, payload = self._recv()
+        self._unread -= 1
+        if kind == "error":
+            raise RuntimeError(f"the ControlNet worker process failed: {payload}")
+        down, mid = payload
+        return tuple(torch.from_numpy(d) for d in down), torch.from_numpy(mid)
+
+    def _drain(self) -> None:
+        while self._unread:
+            self._recv()
+            self._unread -= 1
+
+    def _send(self, msg) -> None:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, ConnectionError, OSError) as e:
+            self._dead(e)
+
+    def _recv(self):
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionError, OSError) as e:
+            self._dead(e)
+
+    def _dead(self, e: Exception):
+        code = self._proc.exitcode if self._proc is not None else None
+        self.close()
+        raise RuntimeError(f"the ControlNet worker process stopped (exit code {code}); it restarts with the next "
+                           f"request") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        self._conn = self._proc = None
+
+
+def _controlnet_service(conn, threads: int) -> None:
+    """The worker process of `ControlNetProcess`."""
+    from diffusers import ControlNetModel
+
+    torch.set_num_threads(threads)
+    models: dict[int, Any] = {}
+    broken: dict[int, str] = {}  # ControlNets whose load failed, and why
+    model = image = scale = None
+    failed = ""  # why the request's ControlNet could not be set up, answered at each of its steps
+    with torch.inference_mode():
+        while (msg := conn.recv()) is not None:
+            try:
+                if msg[0] == "load":
+                    _, key, config, state = msg
+                    cn = ControlNetModel.from_config(config)
+                    cn.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+                    models[key] = cn.eval()
+                elif msg[0] == "drop":
+                    models.pop(msg[1], None)
+                elif msg[0] == "begin":
+                    failed = broken.get(msg[1], "")
+                    if not failed:
+                        model, image, scale = models[msg[1]], torch.from_numpy(msg[2]), msg[3]
+                elif failed:
+                    conn.send(("error", failed))
+                else:
+                    sample, t, text = (torch.as_tensor(x) for x in msg[1:])
+                    cond = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
+                    down, mid = model(sample, t, encoder_hidden_states=text, controlnet_cond=cond,
+                                      conditioning_scale=scale, return_dict=False)
+                    conn.send(("ok", ([d.numpy() for d in down], mid.numpy())))
+            except Exception as e:  # answered at a step's join: never a silent wrong image
+                failed = f"{msg[0]}: {type(e).__name__}: {e}"
+                if msg[0] == "load":
+                    broken[msg[1]] = failed
+                elif msg[0] == "run":
+                    conn.send(("error", failed))
+                    failed = ""
 
 
 def _in_callers_mode(fn: Callable) -> Callable:
@@ -360,19 +511,29 @@ class SwiftRuntime:
     `ControlNetModel`). Not thread-safe: one generation at a time (the caller holds a lock)."""
 
     def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
-                 controlnet_threads: int = 1, guidance_split: bool = False, baseline: bool = False,
-                 fetch_timeout_s: float | None = 120.0):
+                 controlnet_process: bool = False, controlnet_threads: int = 1, guidance_split: bool = False,
+                 baseline: bool = False, fetch_timeout_s: float | None = 120.0):
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
         self.fetch_timeout_s, self.controlnet_threads = fetch_timeout_s, controlnet_threads
         self.cores = len(os.sched_getaffinity(0))
         self.patcher = LoRAPatcher(pipe.unet)
-        self.executor = worker("controlnet", controlnet_threads) if parallel_controlnet and not baseline else None
+        parallel = parallel_controlnet and not baseline
+        # The process holds its tensors in host memory: on an accelerator the ControlNet stays on a thread.
+        if parallel and controlnet_process and pipe.device.type == "cpu":
+            self.executor: ThreadPoolExecutor | ControlNetProcess | None = ControlNetProcess(controlnet_threads)
+        else:
+            self.executor = worker("controlnet", controlnet_threads) if parallel else None
         self.guidance_worker = worker("unconditional") if guidance_split and not baseline else None
         # A fetched LoRA's B A products are computed here, beside the denoising, with one intra-op thread.
         self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lora-deltas", initializer=torch.set_num_threads,
                                            initargs=(1,))
+
+    def close(self) -> None:
+        """Stops the ControlNet worker process, if one runs (it is a daemon: it also ends with this process)."""
+        if isinstance(self.executor, ControlNetProcess):
+            self.executor.close()
 
     def wait_step(self, steps: int) -> int:
         return min(round(self.wait_fraction * steps), steps - 1)
@@ -446,7 +607,9 @@ class SwiftRuntime:
         future, hit = self.cache.fetch("controlnet", g.controlnet)
         controlnet = _result(future, self.fetch_timeout_s, f"ControlNet {g.controlnet!r}")  # needed from step 0
         report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss",
-                                "parallel": self.executor is not None, "conditional_half_only": cond_only}
+                                "parallel": self.executor is not None,
+                                "process": isinstance(self.executor, ControlNetProcess),
+                                "conditional_half_only": cond_only}
         with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor,
                              cond_only=cond_only) as hooks:
             yield hooks
