@@ -44,8 +44,7 @@ from distillery.serving.text_to_image import TextToImageModel, _text, png_bytes
 
 ADDON_DEFAULTS = {"addons_uri": "addons", "addon_cache_bytes": 512 << 20, "wait_fraction": 0.4, "max_loras": 3,
                   "max_addon_scale": 2.0, "parallel_controlnet": True, "controlnet_process": True,
-                  "controlnet_threads": 1,
-                  "guidance_split": False, "fetch_timeout_s": 120.0}
+                  "controlnet_threads": 1, "guidance_split": False, "fetch_timeout_s": 120.0}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PNG = b"\x89PNG\r\n\x1a\n"
 INDEX_REFRESH_S = 2.0  # an unknown name re-lists the store at most this often (a listing per bad request is a DoS)

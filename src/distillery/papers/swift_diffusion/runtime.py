@@ -200,10 +200,19 @@ class LatePatch:
         return callback_kwargs
 
 
+def controlnet_residuals(controlnet, image: torch.Tensor, scale: float, sample, timestep, text):
+    """The ControlNet's (down residuals, mid residual) for one UNet call; the condition image, one per prompt, is
+    repeated for every half of a guidance batch, as in diffusers' ControlNet pipeline."""
+    cond = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
+    return controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=scale,
+                      return_dict=False)
+
+
 class ControlNetHooks:
     """A ControlNet attached to a UNet by forward hooks (the UNet is not edited): started when the UNet is called,
-    on `executor`'s thread or in a `ControlNetProcess` (None: right there, sequentially), joined after the mid block; its residuals are added
-    in place to the skip connections and to the mid block's output, exactly where diffusers adds them.
+    on `executor`'s thread or in a `ControlNetProcess` (None: right there, sequentially), joined after the mid
+    block; its residuals are added in place to the skip connections and to the mid block's output, exactly where
+    diffusers adds them.
     `image` is the condition in [0, 1], one per prompt (B, 3, H, W); under guidance the UNet's batch is
     [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline.
     `cond_only` (under a `GuidanceSplit`): the ControlNet sees the conditional half only, and its residuals go to
@@ -242,9 +251,7 @@ class ControlNetHooks:
         self._handles, self._skips, self._job = [], [], None
 
     def _run(self, sample, timestep, text):
-        cond = self.image.repeat(sample.shape[0] // self.image.shape[0], 1, 1, 1)
-        return self.controlnet(sample, timestep, encoder_hidden_states=text, controlnet_cond=cond,
-                               conditioning_scale=self.scale, return_dict=False)
+        return controlnet_residuals(self.controlnet, self.image, self.scale, sample, timestep, text)
 
     def _start(self, module, args, kwargs):
         names = ("sample", "timestep", "encoder_hidden_states")
@@ -402,10 +409,7 @@ def _controlnet_service(conn, threads: int) -> None:
                 elif failed:
                     conn.send(("error", failed))
                 else:
-                    sample, t, text = (torch.as_tensor(x) for x in msg[1:])
-                    cond = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
-                    down, mid = model(sample, t, encoder_hidden_states=text, controlnet_cond=cond,
-                                      conditioning_scale=scale, return_dict=False)
+                    down, mid = controlnet_residuals(model, image, scale, *(torch.as_tensor(x) for x in msg[1:]))
                     conn.send(("ok", ([d.numpy() for d in down], mid.numpy())))
             except Exception as e:  # answered at a step's join: never a silent wrong image
                 failed = f"{msg[0]}: {type(e).__name__}: {e}"
