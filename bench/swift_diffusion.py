@@ -5,12 +5,13 @@ kind and its swift-diffusion-baseline twin built on the same model folder and ad
    request, ControlNet before the UNet, unfuse + unload), with the store as it is and with a slower store
    (`--fetch-delay-ms` added to every add-on fetch);
 2. add-on overhead vs a no-add-on request: a cold LoRA whose fetch fits within K steps, a resident LoRA, the
-   ControlNet run concurrently with the UNet (in its worker process, and on a thread) and sequentially, and the
+   ControlNet run concurrently with the UNet (on the conditional half, the default, and on both halves; in its
+   worker process, and on a thread) and sequentially, and the
    machine's own parallel headroom (two one-thread matmul loops at once vs one after the other: the cap of the
    concurrent ControlNet's gain);
 3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
-   with the no-LoRA image as the floor; and of the guidance split's ControlNet on the conditional half only,
-   against the ControlNet on both halves (the no-ControlNet image as the floor).
+   with the no-LoRA image as the floor; and of the ControlNet on the conditional half only (the default, and the
+   guidance split's), against the ControlNet on both halves (the no-ControlNet image as the floor).
 
 The guidance split (guidance's two halves on two threads) is measured beside the default runtime in 1 and 2.
 
@@ -192,15 +193,21 @@ def main() -> None:
         return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, guidance_split=True,
                             controlnet_process=m.addon_limits["controlnet_process"])
 
+    def both_halves_runtime(m):  # the same, the concurrent ControlNet on both of guidance's halves (as diffusers)
+        return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, controlnet_cond_only=False,
+                            controlnet_process=m.addon_limits["controlnet_process"])
+
     # 1. one ControlNet + one cold LoRA, ours (without and with the guidance split) vs diffusers, two store latencies
     for delay_ms in (0.0, opts.fetch_delay_ms):
         ours = _predictor(SwiftDiffusionModel, model, delay_ms / 1000)
         base = _predictor(BaselineDiffusionModel, model, delay_ms / 1000)
         g = gen([lora], cn=True)
-        (t_ours, reps), (t_split, _), (t_base, _) = _measure(
-            [(ours.runtime, ours.fresh_cache, g, True), (split_runtime(ours), ours.fresh_cache, g, True),
-             (base.runtime, base.fresh_cache, g, True)], opts.trials)
+        (t_ours, reps), (t_both, _), (t_split, _), (t_base, _) = _measure(
+            [(ours.runtime, ours.fresh_cache, g, True), (both_halves_runtime(ours), ours.fresh_cache, g, True),
+             (split_runtime(ours), ours.fresh_cache, g, True), (base.runtime, base.fresh_cache, g, True)],
+            opts.trials)
         rows += [(f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"),
+                 ("  the same, the ControlNet on both halves", t_both, t_base, "s"),
                  ("  the same with guidance split (ControlNet on the conditional half)", t_split, t_base, "s")]
         extra[f"applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
@@ -213,20 +220,23 @@ def main() -> None:
                                  parallel_controlnet=False)
     thread_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction, controlnet_process=False)
     rt, fresh = ours.runtime, ours.fresh_cache
-    split_rt = split_runtime(ours)
-    (plain, _), (cold, reps), (hot, _), (parallel, _), (sequential, _), (threaded, _), (split, _), (split_cn, _) = \
-        _measure([(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
-                  (rt, fresh, gen(cn=True), False), (sequential_rt, fresh, gen(cn=True), False),
-                  (thread_rt, fresh, gen(cn=True), False), (split_rt, fresh, gen(), False),
-                  (split_rt, fresh, gen(cn=True), False)], opts.trials)
+    split_rt, both_rt = split_runtime(ours), both_halves_runtime(ours)
+    (plain, _), (cold, reps), (hot, _), (parallel, _), (both_cn, _), (sequential, _), (threaded, _), (split, _), \
+        (split_cn, _) = _measure(
+            [(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
+             (rt, fresh, gen(cn=True), False), (both_rt, fresh, gen(cn=True), False),
+             (sequential_rt, fresh, gen(cn=True), False), (thread_rt, fresh, gen(cn=True), False),
+             (split_rt, fresh, gen(), False), (split_rt, fresh, gen(cn=True), False)], opts.trials)
     rows += [(f"cold LoRA (fetch {delay_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold, plain, "s"),
              ("resident LoRA vs no add-on", hot, plain, "s"),
-             ("ControlNet concurrent vs no add-on", parallel, plain, "s"),
-             ("ControlNet sequential vs no add-on", sequential, plain, "s"),
-             ("ControlNet concurrent vs sequential", parallel, sequential, "s"),
-             ("ControlNet concurrent: own process vs a thread of the server's", parallel, threaded, "s"),
+             ("ControlNet concurrent, conditional half vs no add-on", parallel, plain, "s"),
+             ("ControlNet concurrent, both halves vs no add-on", both_cn, plain, "s"),
+             ("ControlNet sequential, both halves vs no add-on", sequential, plain, "s"),
+             ("ControlNet, both halves: concurrent vs sequential", both_cn, sequential, "s"),
+             ("ControlNet, both halves: own process vs a thread of the server's", both_cn, threaded, "s"),
+             ("ControlNet concurrent: conditional half vs both halves", parallel, both_cn, "s"),
              ("no add-on: guidance split vs one batched call", split, plain, "s"),
-             ("ControlNet: split, conditional half only vs concurrent, both halves", split_cn, parallel, "s"),
+             ("ControlNet, conditional half: split vs one batched call", split_cn, parallel, "s"),
              ("machine headroom: two kernel threads vs one after the other", *_headroom(), "s")]
     extra["cold_lora_applied_from_step"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
@@ -248,11 +258,13 @@ def main() -> None:
     for frac in (0.1, 0.2, 0.4):
         rows.append((f"SSIM vs from-step-0, LoRA from K/N={frac} (baseline col: no LoRA)",
                      float(ssim(images[0.0], images[frac]).mean()), floor_ssim, ""))
-    # the split's ControlNet on the conditional half only, against diffusers' both halves
-    both, _ = ours.runtime.generate(gen(cn=True, seeds=seeds), output_type="np")
-    cond_only, _ = split_rt.generate(gen(cn=True, seeds=seeds), output_type="np")
-    rows.append(("SSIM vs both halves: ControlNet on the conditional half (baseline col: no ControlNet)",
-                 float(ssim(both, cond_only).mean()), float(ssim(both, floor).mean()), ""))
+    # the ControlNet on the conditional half only (the default, and the split's), against diffusers' both halves
+    both, _ = both_rt.generate(gen(cn=True, seeds=seeds), output_type="np")
+    cond_only, _ = ours.runtime.generate(gen(cn=True, seeds=seeds), output_type="np")
+    split_cond, _ = split_rt.generate(gen(cn=True, seeds=seeds), output_type="np")
+    for label, img in (("", cond_only), (", split", split_cond)):
+        rows.append((f"SSIM vs both halves: ControlNet on the conditional half{label} (baseline col: no ControlNet)",
+                     float(ssim(both, img).mean()), float(ssim(both, floor).mean()), ""))
     extra["cores"], extra["controlnet_threads"] = ours.runtime.cores, ours.addon_limits["controlnet_threads"]
     report("swift-diffusion", rows, extra)
 

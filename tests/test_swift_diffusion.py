@@ -4,9 +4,11 @@ and their files as diffusers reads them."""
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -384,16 +386,16 @@ def test_guidance_split_equals_one_batched_call_and_needs_guidance(pipe, source)
     batched, report = _runtime(pipe, source, wait_fraction=0.0).generate(g, output_type="np")
     assert report["guidance_split"] is False and report["loras"][0]["applied_from_step"] == 0
     np.testing.assert_allclose(split, batched, atol=1e-4)  # batch 1 vs 2 may take other kernels: rounding only
-    from dataclasses import replace
     _, report = _runtime(pipe, source, guidance_split=True).generate(replace(g, guidance=1.0), output_type="np")
     assert report["guidance_split"] is False  # one half only: nothing to split
     assert "forward" not in vars(pipe.unet)  # the UNet's own forward again
 
 
-def test_split_controlnet_steers_the_conditional_half_only(pipe, source):
-    """One UNet call on [unconditional; conditional] under the split: the unconditional rows are the plain UNet's,
-    the conditional rows those of the UNet with the ControlNet's residuals, as one sequential call gives them."""
-    from distillery.papers.swift_diffusion.runtime import ControlNetHooks, GuidanceSplit, worker
+def test_controlnet_on_the_conditional_half_steers_those_rows_only(pipe, source):
+    """One UNet call on [unconditional; conditional], the ControlNet on the conditional half only (in the calling
+    thread, a thread, its process; with and without the split): the unconditional rows are the plain UNet's, the
+    conditional rows those of the UNet with the ControlNet's residuals, as one sequential call gives them."""
+    from distillery.papers.swift_diffusion.runtime import ControlNetHooks, ControlNetProcess, GuidanceSplit, worker
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 4, 4, generator=gen)
@@ -403,14 +405,32 @@ def test_split_controlnet_steers_the_conditional_half_only(pipe, source):
         plain = unet(x[:2], t, encoder_hidden_states=text[:2], return_dict=False)[0]
         with ControlNetHooks(unet, source.controlnet, image, 0.9):
             steered = unet(x[2:], t, encoder_hidden_states=text[2:], return_dict=False)[0]
-        for cn_thread in (None, worker("controlnet")):
-            with GuidanceSplit(unet, worker("unconditional")) as split, \
-                    ControlNetHooks(unet, source.controlnet, image, 0.9, cn_thread, cond_only=True) as hooks:
-                both = unet(x, t, encoder_hidden_states=text).sample
-            assert split.calls == hooks.calls == 1
-            torch.testing.assert_close(both[:2], plain, atol=1e-4, rtol=0)
-            torch.testing.assert_close(both[2:], steered, atol=1e-4, rtol=0)
+        service = ControlNetProcess()
+        try:
+            for cn_worker, split_on in itertools.product((None, worker("controlnet"), service), (True, False)):
+                with GuidanceSplit(unet, worker("unconditional")) if split_on else nullcontext() as split, \
+                        ControlNetHooks(unet, source.controlnet, image, 0.9, cn_worker, cond_only=True) as hooks:
+                    both = unet(x, t, encoder_hidden_states=text).sample
+                assert hooks.calls == 1 and (split is None or split.calls == 1)
+                torch.testing.assert_close(both[:2], plain, atol=1e-4, rtol=0)
+                torch.testing.assert_close(both[2:], steered, atol=1e-4, rtol=0)
+        finally:
+            service.close()
     assert (steered - plain).abs().mean() > 1e-3  # the ControlNet does move the conditional half
+
+
+def test_runtime_steers_the_conditional_half_only_without_the_split(pipe, source):
+    g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9)
+    rt = _runtime(pipe, source, controlnet_cond_only=True, controlnet_process=True)
+    try:
+        image, report = rt.generate(g, output_type="np")
+        assert report["guidance_split"] is False and report["controlnet"]["conditional_half_only"] is True
+        split, _ = _runtime(pipe, source, guidance_split=True).generate(g, output_type="np")
+        np.testing.assert_allclose(image, split, atol=1e-4)  # the split's conditional-half ControlNet, in one call
+        _, report = rt.generate(replace(g, guidance=1.0), output_type="np")
+        assert report["controlnet"]["conditional_half_only"] is False  # no unconditional half without guidance
+    finally:
+        rt.close()
 
 
 def test_split_with_controlnet_and_late_loras_restores_the_base_weights(pipe, source):
@@ -429,7 +449,6 @@ def test_split_with_controlnet_and_late_loras_restores_the_base_weights(pipe, so
 
 
 def test_a_call_takes_the_cores_its_other_threads_leave_and_gives_them_back(pipe, source):
-    from dataclasses import replace
 
     seen = []
     hook = pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))

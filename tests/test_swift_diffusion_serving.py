@@ -107,7 +107,7 @@ def test_v1_loras_and_controlnet_report_what_happened(served):
     assert [(e["name"], e["cache"]) for e in report["loras"]] == [("ink", "miss"), ("bold", "miss")]
     assert all(0 <= e["applied_from_step"] <= report["wait_step"] == 1 for e in report["loras"])
     assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "process": True,
-                                    "conditional_half_only": False, "unet_calls": 3}
+                                    "conditional_half_only": True, "unet_calls": 3}
     again = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
                 controlnet={"name": "edges", "image": EDGES, "scale": 0.9}).json()["predictions"][0]
     assert [(e["cache"], e["applied_from_step"]) for e in again["addons"]["loras"]] == [("hit", 0), ("hit", 0)]
@@ -225,6 +225,7 @@ def test_the_baseline_kind_makes_the_same_image_as_swift_with_k_zero(served):
             model = kind("swift", store.parent)
             model.check()
             model.addon_limits["wait_fraction"] = 0.0
+            model.addon_limits["controlnet_cond_only"] = False  # both halves, as diffusers' ControlNet pipeline
             model.load_model()
             req = model._request(["a bright square"], {"steps": 2, "seed": 1, "loras": [{"name": "ink", "scale": 0.8}],
                                                        "controlnet": {"name": "edges", "image": EDGES}})

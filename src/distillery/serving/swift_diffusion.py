@@ -15,7 +15,8 @@ The model folder is a diffusers pipeline; `distillery.json` may set `addons_uri`
 `lora/NAME/pytorch_lora_weights.safetensors` and `controlnet/NAME/` ControlNetModel folders; default `addons/`
 inside the model folder), `addon_cache_bytes`, `wait_fraction` (K / N), `max_loras`, `max_addon_scale`,
 `parallel_controlnet`, `controlnet_process` (the concurrent ControlNet in a worker process of its own, on CPU; on by
-default), `controlnet_threads`, `guidance_split` (guidance's two halves on two threads, the ControlNet on
+default), `controlnet_threads`, `controlnet_cond_only` (under guidance the ControlNet steers the conditional half only,
+as in the paper: half its work; on by default), `guidance_split` (guidance's two halves on two threads, the ControlNet on
 the conditional half only; off by default), `fetch_timeout_s`. Unknown add-on names, unreadable or wrongly
 sized control images and scales out of range are answered 400 before any work starts; an add-on store that fails
 or hangs mid-request is a 503 for that request only.
@@ -44,7 +45,8 @@ from distillery.serving.text_to_image import TextToImageModel, _text, png_bytes
 
 ADDON_DEFAULTS = {"addons_uri": "addons", "addon_cache_bytes": 512 << 20, "wait_fraction": 0.4, "max_loras": 3,
                   "max_addon_scale": 2.0, "parallel_controlnet": True, "controlnet_process": True,
-                  "controlnet_threads": 1, "guidance_split": False, "fetch_timeout_s": 120.0}
+                  "controlnet_threads": 1, "controlnet_cond_only": True, "guidance_split": False,
+                  "fetch_timeout_s": 120.0}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PNG = b"\x89PNG\r\n\x1a\n"
 INDEX_REFRESH_S = 2.0  # an unknown name re-lists the store at most this often (a listing per bad request is a DoS)
@@ -103,6 +105,7 @@ class SwiftDiffusionModel(TextToImageModel):
                                     parallel_controlnet=lim["parallel_controlnet"],
                                     controlnet_process=lim["controlnet_process"],
                                     controlnet_threads=lim["controlnet_threads"],
+                                    controlnet_cond_only=lim["controlnet_cond_only"],
                                     guidance_split=lim["guidance_split"], baseline=self.baseline,
                                     fetch_timeout_s=lim["fetch_timeout_s"])
         self._refresh_index()

@@ -30,6 +30,10 @@ putting their loading and patching on a request's critical path. How it maps to 
   small batched call cannot use them. As in the paper, the ControlNet then runs on the conditional half only: the
   unconditional half gets no residuals (half the ControlNet's work; the image moves a little, measured as SSIM
   against the both-halves image in `bench/swift_diffusion.py`). Without guidance there is nothing to split.
+- The ControlNet on the conditional half only (`controlnet_cond_only=True`, the predictor's default) without the
+  split: under guidance the concurrent ControlNet computes the conditional half's residuals only (batch 1 for 2),
+  added to the batch's conditional rows. The paper's ControlNet serves the conditional half; on 2 cores this is
+  what shortens a ControlNet request (`bench/swift_diffusion.py`), where the split itself costs more than it gives.
 - The baseline (`baseline=True`) is what a plain diffusers user does per request: fetch, `load_lora_weights` +
   `set_adapters` + `fuse_lora`, the ControlNet run before the UNet at every step
   (`StableDiffusionControlNetPipeline`), then `unfuse_lora` + `unload_lora_weights`.
@@ -215,8 +219,9 @@ class ControlNetHooks:
     diffusers adds them.
     `image` is the condition in [0, 1], one per prompt (B, 3, H, W); under guidance the UNet's batch is
     [unconditional; conditional] and the image is repeated for both halves, as in diffusers' ControlNet pipeline.
-    `cond_only` (under a `GuidanceSplit`): the ControlNet sees the conditional half only, and its residuals go to
-    the half the calling thread runs; the hooks ignore the unconditional half on the split's worker thread."""
+    `cond_only`: the ControlNet sees the conditional half only (half its work, as in the paper) and its residuals
+    go to the batch's conditional rows; the unconditional rows get none. Under a `GuidanceSplit` those rows are the
+    half the calling thread runs, and the hooks ignore the unconditional half on the split's worker thread."""
 
     def __init__(self, unet, controlnet, image: torch.Tensor, scale: float = 1.0,
                  executor: ThreadPoolExecutor | ControlNetProcess | None = None, cond_only: bool = False):
@@ -275,9 +280,13 @@ class ControlNetHooks:
         down, mid = self._job.result()
         if len(down) != len(self._skips):
             raise RuntimeError(f"the ControlNet gave {len(down)} residuals for the UNet's {len(self._skips)} skips")
+        # Residuals of the conditional half only go to the batch's last rows; the unconditional rows get none.
+        rows = slice(output.shape[0] - mid.shape[0], None)
         for skip, residual in zip(self._skips, down):
-            skip.add_(residual)  # the UNet's up path reads these very tensors
-        return output + mid
+            skip[rows].add_(residual)  # the UNet's up path reads these very tensors
+        if rows.start == 0:
+            return output + mid
+        return torch.cat([output[:rows.start], output[rows] + mid])
 
 
 _SERVICE_KEYS = itertools.count()
@@ -393,7 +402,7 @@ def _controlnet_service(conn, threads: int) -> None:
     model = image = scale = None
     failed = ""  # why the request's ControlNet could not be set up, answered at each of its steps
     with torch.inference_mode():
-        while (msg := conn.recv()) is not None:
+        while (msg := _next(conn)) is not None:
             try:
                 if msg[0] == "load":
                     _, key, config, state = msg
@@ -418,6 +427,15 @@ def _controlnet_service(conn, threads: int) -> None:
                 elif msg[0] == "run":
                     conn.send(("error", failed))
                     failed = ""
+
+
+def _next(conn):
+    """The next message; None when the server closes the service or goes away (a server that exits without
+    `close` leaves the pipe closed under a daemon worker: no traceback for that)."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
 
 
 def _in_callers_mode(fn: Callable) -> Callable:
@@ -516,11 +534,12 @@ class SwiftRuntime:
 
     def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
                  controlnet_process: bool = False, controlnet_threads: int = 1, guidance_split: bool = False,
-                 baseline: bool = False, fetch_timeout_s: float | None = 120.0):
+                 controlnet_cond_only: bool = False, baseline: bool = False, fetch_timeout_s: float | None = 120.0):
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
         self.fetch_timeout_s, self.controlnet_threads = fetch_timeout_s, controlnet_threads
+        self.controlnet_cond_only = controlnet_cond_only and not baseline
         self.cores = len(os.sched_getaffinity(0))
         self.patcher = LoRAPatcher(pipe.unet)
         parallel = parallel_controlnet and not baseline
@@ -581,7 +600,8 @@ class SwiftRuntime:
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
         split = report["guidance_split"] = self.split(g)
         try:
-            with self._split(split), self._controlnet(g, report, cond_only=split) as hooks:
+            cond_only = split or (self.controlnet_cond_only and g.guidance > 1)  # a batch of two halves
+            with self._split(split), self._controlnet(g, report, cond_only=cond_only) as hooks:
                 late.patch_ready(0)
                 images = self.pipe(g.prompts, callback_on_step_end=late if pending else None, **common).images
             if hooks is not None:
