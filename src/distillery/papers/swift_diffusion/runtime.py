@@ -9,7 +9,8 @@ putting their loading and patching on a request's critical path. How it maps to 
   step 20 of 50: wait_fraction 0.4). K = 0 is the usual apply-then-generate. A LoRA already cached is applied
   before step 0.
 - In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place (the products
-  computed on a background thread as soon as the LoRA lands, so a step boundary only adds) and keeps a copy
+  computed on a background thread as soon as the LoRA lands, so a step boundary only adds; a resident LoRA is
+  patched before step 0 with one fused `addmm_` per layer, nothing to overlap it with) and keeps a copy
   of every tensor it touched; after the request the copies are written back, so the base weights are restored bit
   for bit (subtracting the delta again would not be: float addition does not invert exactly).
 - ControlNet-as-a-service. The UNet needs the ControlNet's residuals only in its up path: diffusers adds the down
@@ -161,16 +162,27 @@ class LoRAPatcher:
         return {name: (scale * lora.delta(name, self.modules[name].weight.shape)).to(self.modules[name].weight.dtype)
                 for name in lora.layers}
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """The layer's weight, its base copy kept before the first change."""
+        weight = self.modules[name].weight
+        if name not in self._saved:
+            self._saved[name] = weight.detach().clone()
+        return weight
+
     @torch.no_grad()
     def add(self, deltas: dict[str, torch.Tensor]) -> None:
         for name, delta in deltas.items():
-            weight = self.modules[name].weight
-            if name not in self._saved:
-                self._saved[name] = weight.detach().clone()
-            weight.add_(delta)
+            self._weight(name).add_(delta)
 
+    @torch.no_grad()
     def apply(self, lora: LoRA, scale: float) -> None:
-        self.add(self.deltas(lora, scale))
+        """W += scale * (alpha / r) * B A as one fused `addmm_` per layer: where nothing is precomputed (a resident
+        LoRA before step 0) this skips building the products apart, a third of a patch's time here."""
+        for name, (a, b) in lora.layers.items():
+            weight = self._weight(name)
+            flat = weight.view(weight.shape[0], -1)
+            flat.addmm_(b.reshape(b.shape[0], -1).to(flat.dtype), a.reshape(a.shape[0], -1).to(flat.dtype),
+                        alpha=scale * lora.scaling)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -587,19 +599,20 @@ class SwiftRuntime:
         if self.baseline:
             return self._baseline(g, common)
         report: dict = {"wait_step": self.wait_step(g.steps), "loras": []}
-        pending = []
+        pending, resident = [], []
         for name, scale in g.loras:  # loads start now, in the background
             future, hit = self.cache.fetch("lora", name)
-            if hit:  # resident: patched before step 0, no thread hop
-                ready: Future = Future()
-                ready.set_result(self.patcher.deltas(future.result(), scale))
+            if hit:  # patched before step 0, right here
+                resident.append((name, future.result(), scale))
             else:
-                ready = self._prepare.submit(self._deltas, future, scale, name)
-            pending.append((name, ready))
+                pending.append((name, self._prepare.submit(self._deltas, future, scale, name)))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
         split = report["guidance_split"] = self.split(g)
         try:
+            for name, lora, scale in resident:
+                self.patcher.apply(lora, scale)
+                late.applied_from[name] = 0
             cond_only = split or (self.controlnet_cond_only and g.guidance > 1)  # a batch of two halves
             with self._split(split), self._controlnet(g, report, cond_only=cond_only) as hooks:
                 late.patch_ready(0)
