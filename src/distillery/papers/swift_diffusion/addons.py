@@ -80,11 +80,15 @@ class LoRA:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict.values())
 
+    def factors(self, module: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (out, r) and A (r, in * k * k) as matrices in `dtype`: B A is the layer's weight flattened per output."""
+        a, b = self.layers[module]
+        return b.reshape(b.shape[0], -1).to(dtype), a.reshape(a.shape[0], -1).to(dtype)
+
     def delta(self, module: str, weight_shape: torch.Size) -> torch.Tensor:
         """(alpha / r) * B A in the layer's weight shape: Linear (out, in), Conv2d (out, in, k, k)."""
-        a, b = self.layers[module]
-        d = b.reshape(b.shape[0], -1).float() @ a.reshape(a.shape[0], -1).float()
-        return (self.scaling * d).reshape(weight_shape)
+        b, a = self.factors(module, torch.float32)
+        return (self.scaling * (b @ a)).reshape(weight_shape)
 
 
 def read_lora(path: Path, name: str = "") -> LoRA:

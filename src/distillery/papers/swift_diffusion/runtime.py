@@ -180,11 +180,9 @@ class LoRAPatcher:
     def apply(self, lora: LoRA, scale: float) -> None:
         """W += scale * (alpha / r) * B A as one fused `addmm_` per layer: where nothing is precomputed (a resident
         LoRA before step 0) this skips building the products apart, a third of a patch's time here."""
-        for name, (a, b) in lora.layers.items():
+        for name in lora.layers:
             weight = self._weight(name)
-            flat = weight.view(weight.shape[0], -1)
-            flat.addmm_(b.reshape(b.shape[0], -1).to(flat.dtype), a.reshape(a.shape[0], -1).to(flat.dtype),
-                        alpha=scale * lora.scaling)
+            weight.view(weight.shape[0], -1).addmm_(*lora.factors(name, weight.dtype), alpha=scale * lora.scaling)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -298,9 +296,7 @@ class ControlNetHooks:
         rows = slice(output.shape[0] - mid.shape[0], None)
         for skip, residual in zip(self._skips, down):
             skip[rows].add_(residual)  # the UNet's up path reads these very tensors
-        if rows.start == 0:
-            return output + mid
-        return torch.cat([output[:rows.start], output[rows] + mid])
+        output[rows].add_(mid)  # likewise the mid block's output, which the hook leaves in place
 
 
 _SERVICE_KEYS = itertools.count()
@@ -553,7 +549,7 @@ class SwiftRuntime:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
         self.fetch_timeout_s, self.controlnet_threads = fetch_timeout_s, controlnet_threads
-        self.controlnet_cond_only = controlnet_cond_only and not baseline
+        self.controlnet_cond_only = controlnet_cond_only
         self.cores = len(os.sched_getaffinity(0))
         self.patcher = LoRAPatcher(pipe.unet)
         parallel = parallel_controlnet and not baseline
