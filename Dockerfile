@@ -13,6 +13,8 @@ ENV DEBIAN_FRONTEND=noninteractive
 # The project needs Python 3.11; CUDA (Ubuntu) bases lack it, so it comes from the deadsnakes PPA there.
 # Ubuntu bases already own uid 1000 (user "ubuntu"): it is replaced by "app" so HOME matches DISTILLERY_HOME.
 # libopengl0: with MUJOCO_GL=egl, `import mujoco` loads PyOpenGL's EGL platform, which needs libOpenGL.so.0.
+# g++ and python3.11-dev: torch.compile's CPU backend (the SwiftDiffusion predictor's compile_backbone) builds its
+# kernels with a C++ compiler against Python.h at run time.
 RUN set -eux; \
     apt-get update; \
     if ! command -v python3.11 >/dev/null; then \
@@ -24,7 +26,8 @@ RUN set -eux; \
         apt-get install -y --no-install-recommends python3.11 python3.11-venv; \
       fi; \
     fi; \
-    apt-get install -y --no-install-recommends ca-certificates libgomp1 libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0; \
+    apt-get install -y --no-install-recommends ca-certificates libgomp1 libegl1 libegl-mesa0 libgl1-mesa-dri libopengl0 \
+      g++ python3.11-dev; \
     rm -rf /var/lib/apt/lists/*; \
     if getent passwd 1000 >/dev/null; then userdel -r "$(getent passwd 1000 | cut -d: -f1)"; fi; \
     useradd --create-home --uid 1000 app
@@ -51,13 +54,13 @@ RUN --mount=type=bind,source=wheelhouse/deps,target=/wheelhouse \
       rm /tmp/constraints.txt; \
     fi
 
-# The project itself (a code change rebuilds only this layer); then pip, setuptools and wheel leave the venv:
-# nothing is installed at run time.
+# The project itself (a code change rebuilds only this layer); then pip and wheel leave the venv: nothing is
+# installed at run time. setuptools stays: torch.compile's C++ builder imports it (torch.utils.cpp_extension).
 ARG PROJECT_HASH=unset
 RUN --mount=type=bind,source=wheelhouse/project,target=/wheelhouse-project \
     echo "${PROJECT_HASH}" > /opt/venv/.project-hash && \
     /opt/venv/bin/pip install -q --no-index --no-deps /wheelhouse-project/*.whl && \
-    /opt/venv/bin/pip uninstall -q -y pip setuptools wheel
+    /opt/venv/bin/pip uninstall -q -y pip wheel
 
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl GIT_PYTHON_REFRESH=quiet \
     DISTILLERY_HOME=/home/app/.distillery DISTILLERY_SOURCES_DIR=/opt/distillery/sources

@@ -235,7 +235,7 @@ def test_dockerfile_is_one_non_root_image_with_a_cuda_build_arg():
         run = text[text.index(f"--mount=type=bind,source={mount}"):]
         run = run[:run.index("\n\n")]
         assert f"${{{key}}}" in run and re.search(rf"^ARG {key}=", text, re.M), mount
-    assert text.rindex("pip uninstall -q -y pip setuptools wheel") > text.rindex("pip install")
+    assert text.rindex("pip uninstall -q -y pip wheel") > text.rindex("pip install")  # setuptools: torch.compile
     build = (REPO / "scripts" / "container" / "build_image.sh").read_text()
     assert '--build-arg DEPS_HASH="$deps_hash"' in build and '--build-arg PROJECT_HASH="$inputs_hash"' in build
     assert not re.search(r"^(ENV|ARG) .*(PASSWORD|SECRET|ACCESS_KEY)", text, re.M | re.I)

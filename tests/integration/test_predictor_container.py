@@ -167,3 +167,23 @@ def test_predictor_container_serves_a_mounted_folder_another_uid_wrote(image, tr
                                         args=["--kind", "text-to-image"])
     ready_s = _serve_and_check(image, isvc, trained_model)
     print(f"predictor (pvc) ready {ready_s:.1f} s after podman run")
+
+
+COMPILE_CHECK = """
+import torch
+conv = torch.nn.Conv2d(4, 8, 3, padding=1).eval()
+step = lambda x: torch.nn.functional.group_norm(torch.nn.functional.silu(conv(x)), 4)
+x = torch.randn(2, 4, 8, 8)
+with torch.inference_mode():
+    eager, compiled = step(x), torch.compile(step, dynamic=False)(x)
+torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+print("compiled")
+"""
+
+
+def test_torch_compile_builds_its_cpu_kernels_in_the_image(image):
+    """The SwiftDiffusion predictor's compile_backbone: inductor writes C++ kernels and builds them with the image's
+    compiler against Python.h, as the pod's user with only /tmp to write to."""
+    out = podman("run", "--rm", "--user", "1000", "-e", "HOME=/tmp", "-e", "TORCHINDUCTOR_CACHE_DIR=/tmp/inductor",
+                 "--entrypoint", "python", image.ref, "-c", COMPILE_CHECK, timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("compiled"), out.stderr[-3000:]
