@@ -96,6 +96,7 @@ def evaluate_serving(
     wait_fraction: float,
     trials: int,
     quality_seeds: int,
+    compile_backbone: bool,
     num_per_class: int,
     seed: int,
     pipeline: str,
@@ -109,5 +110,5 @@ def evaluate_serving(
     run_step(swift_diffusion.evaluate_serving, pipeline=pipeline, step="evaluate-serving", kfp_run_id=kfp_run_id,
              kfp_metrics=metrics, base_dir=base.path, store_dir=store.path, addon_metrics=addon_metrics,
              dataset_dir=dataset.path, feature_net_dir=feature_net.path, steps=steps, guidance_scale=guidance_scale,
-             wait_fraction=wait_fraction, trials=trials, quality_seeds=quality_seeds, num_per_class=num_per_class,
-             seed=seed, release_dir=release.path)
+             wait_fraction=wait_fraction, trials=trials, quality_seeds=quality_seeds,
+             compile_backbone=compile_backbone, num_per_class=num_per_class, seed=seed, release_dir=release.path)

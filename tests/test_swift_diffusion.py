@@ -248,24 +248,23 @@ def test_late_patch_with_k_zero_equals_from_step_zero_and_diffusers_fuse(pipe, s
     assert [(e["cache"], e["applied_from_step"]) for e in report["loras"]] == [("miss", 0), ("miss", 0)]
     warm, report = rt.generate(g, output_type="np")
     assert [(e["cache"], e["applied_from_step"]) for e in report["loras"]] == [("hit", 0), ("hit", 0)]
-    np.testing.assert_allclose(cold, warm, atol=1e-5)  # products apart and added (cold), one fused addmm (resident)
+    np.testing.assert_allclose(cold, warm, atol=1e-5)  # the fused patch, after the wait (cold) or at once
     base, _ = rt.generate(_gen(), output_type="np")
     assert np.abs(cold - base).mean() > 0.01  # the LoRAs change the image
     reference, report = _runtime(pipe, source, baseline=True).generate(g, output_type="np")
     np.testing.assert_allclose(cold, reference, atol=2e-3)  # diffusers' load_lora_weights + fuse_lora
 
 
-def test_a_fused_patch_equals_the_products_added_and_both_restore_exactly(pipe, source):
+def test_a_fused_patch_equals_the_products_added_and_restores_exactly(pipe, source):
     from distillery.papers.swift_diffusion.runtime import LoRAPatcher
 
     lora, patcher = source("lora", "ink"), LoRAPatcher(pipe.unet)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    patcher.add(patcher.deltas(lora, 0.7))
-    added = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    patcher.restore()
     patcher.apply(lora, 0.7)
     fused = pipe.unet.state_dict()
-    assert all(torch.allclose(fused[k], v, atol=1e-6, rtol=0) for k, v in added.items())
+    for name in lora.layers:
+        w = base[f"{name}.weight"]
+        torch.testing.assert_close(fused[f"{name}.weight"], w + 0.7 * lora.delta(name, w.shape), atol=1e-6, rtol=0)
     assert sum(not torch.equal(fused[k], base[k]) for k in base) == len(lora.layers)  # every layer, only those
     patcher.restore()
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in base.items())
@@ -313,9 +312,14 @@ def test_base_weights_are_restored_bit_for_bit_after_many_mixed_requests(pipe, s
 
 def test_controlnet_in_parallel_equals_sequential_and_diffusers(pipe, source):
     g = _gen(steps=3, controlnet="edges", control_image=_control(), controlnet_scale=0.9)
+    net = source.controlnet.controlnet_cond_embedding
+    embedded = []
+    hook = net.register_forward_hook(lambda *a: embedded.append(1))
     parallel, report = _runtime(pipe, source, parallel_controlnet=True).generate(g, output_type="np")
+    hook.remove()
+    assert len(embedded) == 1 and source.controlnet.controlnet_cond_embedding is net  # once a request, not a step
     assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "process": False,
-                                   "conditional_half_only": False, "unet_calls": 3}
+                                   "conditional_half_only": False, "compiled": False, "unet_calls": 3}
     sequential, report = _runtime(pipe, source, parallel_controlnet=False).generate(g, output_type="np")
     assert report["controlnet"]["parallel"] is False
     np.testing.assert_allclose(parallel, sequential, atol=1e-6)
@@ -430,6 +434,10 @@ def test_controlnet_on_the_conditional_half_steers_those_rows_only(pipe, source)
                 assert hooks.calls == 1 and (split is None or split.calls == 1)
                 torch.testing.assert_close(both[:2], plain, atol=1e-4, rtol=0)
                 torch.testing.assert_close(both[2:], steered, atol=1e-4, rtol=0)
+            with ControlNetHooks(unet, source.controlnet, image, 0.9, cond_only=True, native=True) as hooks:
+                both = unet(x, t, encoder_hidden_states=text).sample  # residuals passed in, zeros for the first half
+            assert hooks.calls == 1
+            torch.testing.assert_close(both, torch.cat([plain, steered]), atol=1e-4, rtol=0)
         finally:
             service.close()
     assert (steered - plain).abs().mean() > 1e-3  # the ControlNet does move the conditional half
@@ -447,6 +455,45 @@ def test_runtime_steers_the_conditional_half_only_without_the_split(pipe, source
         assert report["controlnet"]["conditional_half_only"] is False  # no unconditional half without guidance
     finally:
         rt.close()
+
+
+@pytest.mark.slow
+def test_the_compiled_backbone_gives_the_eager_images_sees_each_patch_and_restores_the_weights(pipe, source):
+    """compile_backbone: the UNet and the ControlNet compiled, the ControlNet's residuals handed to the UNet's call
+    (conditional half; zeros for the other). The eager runtime's images with a LoRA landing at step 2 (patched in
+    place between two compiled calls), a resident LoRA and none (the restore is seen too); base weights bit-equal."""
+    from distillery.papers.swift_diffusion.evaluate import LandsAt
+
+    compiled_pipe = tiny_sd.build_pipeline(CFG, seed=0)  # its own: compiling replaces the UNet's forward for good
+    compiled_pipe.set_progress_bar_config(disable=True)
+    before = {k: v.clone() for k, v in compiled_pipe.unet.state_dict().items()}
+    eager = _runtime(pipe, source, wait_fraction=0.5, controlnet_cond_only=True)
+    compiled = _runtime(compiled_pipe, source, wait_fraction=0.5, controlnet_cond_only=True, compile_backbone=True)
+    late = _gen(steps=4, loras=[("ink", 0.8)])
+    for rt, unet in ((eager, pipe.unet), (compiled, compiled_pipe.unet)):
+        real, rt.cache = rt.cache, LandsAt(rt.cache, unet, 2)
+        try:
+            rt.late, rt.late_report = rt.generate(late, output_type="np")
+        finally:
+            rt.cache.close()
+            rt.cache = real
+    assert compiled.late_report["loras"][0]["applied_from_step"] == 2
+    np.testing.assert_allclose(compiled.late, eager.late, atol=1e-4)
+    g = _gen(steps=4, loras=[("ink", 0.8)], controlnet="edges", control_image=_control(), controlnet_scale=0.9)
+    for rt in (eager, compiled):
+        rt.cache.get("lora", "ink")  # resident now: patched before step 0 with the fused addmm
+    for request in (g, _gen(steps=4)):  # then no add-on: the restored weights are what the compiled graph reads
+        ours, report = compiled.generate(request, output_type="np")
+        want, _ = eager.generate(request, output_type="np")
+        np.testing.assert_allclose(ours, want, atol=1e-4)
+        assert [e["cache"] for e in report["loras"]] == ["hit"] * len(request.loras)
+        if request.controlnet:
+            assert {k: report["controlnet"][k] for k in ("compiled", "parallel", "conditional_half_only")} == \
+                {"compiled": True, "parallel": False, "conditional_half_only": True}
+        assert all(torch.equal(compiled_pipe.unet.state_dict()[k], v) for k, v in before.items())
+    for bad in (dict(baseline=True), dict(guidance_split=True)):
+        with pytest.raises(ValueError, match="compile_backbone"):
+            _runtime(pipe, source, compile_backbone=True, **bad)
 
 
 def test_split_with_controlnet_and_late_loras_restores_the_base_weights(pipe, source):

@@ -107,7 +107,7 @@ def test_v1_loras_and_controlnet_report_what_happened(served):
     assert [(e["name"], e["cache"]) for e in report["loras"]] == [("ink", "miss"), ("bold", "miss")]
     assert all(0 <= e["applied_from_step"] <= report["wait_step"] == 1 for e in report["loras"])
     assert report["controlnet"] == {"name": "edges", "cache": "miss", "parallel": True, "process": True,
-                                    "conditional_half_only": True, "unet_calls": 3}
+                                    "conditional_half_only": True, "compiled": False, "unet_calls": 3}
     again = _v1(url, loras=[{"name": "ink", "scale": 0.8}, {"name": "bold"}],
                 controlnet={"name": "edges", "image": EDGES, "scale": 0.9}).json()["predictions"][0]
     assert [(e["cache"], e["applied_from_step"]) for e in again["addons"]["loras"]] == [("hit", 0), ("hit", 0)]
@@ -236,6 +236,41 @@ def test_the_baseline_kind_makes_the_same_image_as_swift_with_k_zero(served):
         torch.set_num_threads(threads)
     assert reports[0]["controlnet"]["parallel"] and not reports[1]["controlnet"]["parallel"]
     assert np.abs(images[0] - images[1]).max() <= 1  # fuse_lora and ControlNet pipeline vs in-place patch and hooks
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_warms_up_at_load_and_makes_the_eager_image(served):
+    from distillery.serving.swift_diffusion import SwiftDiffusionModel
+
+    _, store, _ = served
+    threads = torch.get_num_threads()
+    images = []
+    try:
+        for compiled in (False, True):
+            model = SwiftDiffusionModel("swift", store.parent)
+            model.check()
+            model.addon_limits.update(compile_backbone=compiled, wait_fraction=0.0)
+            model.load_model()
+            if compiled:  # the load compiled and ran what a request needs; the store's ControlNet is resident
+                assert model.warmup_s > 0 and ("controlnet", "edges") in model.runtime.cache.keys()
+            req = model._request(["a bright square"], {"steps": 2, "seed": 1, "loras": [{"name": "ink", "scale": 0.8}],
+                                                       "controlnet": {"name": "edges", "image": EDGES}})
+            ((png, report),) = model.run_batch(*model._batch(req))
+            assert report["controlnet"]["compiled"] is compiled and report["controlnet"]["conditional_half_only"]
+            images.append(np.asarray(Image.open(io.BytesIO(png)), dtype=int))
+            model.runtime.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(images[0] - images[1]).max() <= 1
+    model = SwiftDiffusionModel("swift", store.parent)
+    cfg = json.loads((store.parent / "distillery.json").read_text())
+    try:
+        (store.parent / "distillery.json").write_text(json.dumps({**cfg, "compile_backbone": True,
+                                                                  "guidance_split": True}))
+        with pytest.raises(ValueError, match="compile_backbone and guidance_split"):
+            model.check()
+    finally:
+        (store.parent / "distillery.json").write_text(json.dumps(cfg))
 
 
 def test_guidance_split_set_in_the_model_config_makes_the_same_image(served):

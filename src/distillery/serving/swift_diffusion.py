@@ -17,7 +17,9 @@ inside the model folder), `addon_cache_bytes`, `wait_fraction` (K / N), `max_lor
 `parallel_controlnet`, `controlnet_process` (the concurrent ControlNet in a worker process of its own, on CPU; on by
 default), `controlnet_threads`, `controlnet_cond_only` (under guidance the ControlNet steers the conditional half only,
 as in the paper: half its work; on by default), `guidance_split` (guidance's two halves on two threads, the ControlNet on
-the conditional half only; off by default), `fetch_timeout_s`. Unknown add-on names, unreadable or wrongly
+the conditional half only; off by default), `compile_backbone` (the UNet and ControlNets compiled with
+`torch.compile`, the ControlNet run right before the UNet; off by default: the load then compiles and warms up for
+15-60 s on 2 cores, and each new batch shape compiles once), `fetch_timeout_s`. Unknown add-on names, unreadable or wrongly
 sized control images and scales out of range are answered 400 before any work starts; an add-on store that fails
 or hangs mid-request is a 503 for that request only.
 """
@@ -32,6 +34,7 @@ import re
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ from distillery.serving.text_to_image import TextToImageModel, _text, png_bytes
 ADDON_DEFAULTS = {"addons_uri": "addons", "addon_cache_bytes": 512 << 20, "wait_fraction": 0.4, "max_loras": 3,
                   "max_addon_scale": 2.0, "parallel_controlnet": True, "controlnet_process": True,
                   "controlnet_threads": 1, "controlnet_cond_only": True, "guidance_split": False,
-                  "fetch_timeout_s": 120.0}
+                  "compile_backbone": False, "fetch_timeout_s": 120.0}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PNG = b"\x89PNG\r\n\x1a\n"
 INDEX_REFRESH_S = 2.0  # an unknown name re-lists the store at most this often (a listing per bad request is a DoS)
@@ -92,6 +95,9 @@ class SwiftDiffusionModel(TextToImageModel):
         for k in ("addon_cache_bytes", "max_loras", "controlnet_threads"):
             if self.addon_limits[k] < 1:
                 raise ValueError(f"{cfg}: {k} must be >= 1, got {self.addon_limits[k]}")
+        if self.addon_limits["compile_backbone"] and self.addon_limits["guidance_split"] and not self.baseline:
+            raise ValueError(f"{cfg}: compile_backbone and guidance_split exclude each other (the compiled UNet runs "
+                             f"both halves in one call); set one of them to false")
         uri = self.addon_limits["addons_uri"]
         self.addons_uri = uri if "://" in uri or uri.startswith("/") else str(self.model_dir / uri)
 
@@ -107,8 +113,27 @@ class SwiftDiffusionModel(TextToImageModel):
                                     controlnet_threads=lim["controlnet_threads"],
                                     controlnet_cond_only=lim["controlnet_cond_only"],
                                     guidance_split=lim["guidance_split"], baseline=self.baseline,
+                                    compile_backbone=lim["compile_backbone"] and not self.baseline,
                                     fetch_timeout_s=lim["fetch_timeout_s"])
         self._refresh_index()
+        self.warmup_s = self._warm_up() if self.runtime.compiled else 0.0
+
+    def _warm_up(self) -> float:
+        """Compiles at load what a request at the default guidance uses (the UNet, and the store's first ControlNet,
+        which lands in the cache): seconds taken. Other batch shapes compile at their first request."""
+        import torch
+
+        from distillery.papers.swift_diffusion.runtime import Generation
+
+        t = time.perf_counter()
+        g = Generation(prompts=["warm-up"], seeds=[0], steps=2, guidance=float(self.limits["default_guidance"]))
+        controlnets = sorted(n for k, n in self._index if k == "controlnet")
+        with torch.inference_mode():
+            self.runtime.generate(g)
+            if controlnets:
+                self.runtime.generate(replace(g, controlnet=controlnets[0],
+                                              control_image=torch.zeros(1, 3, self.size, self.size)))
+        return time.perf_counter() - t
 
     # ----------------------------------------------------------------------------------- add-on store
 

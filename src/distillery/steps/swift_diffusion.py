@@ -265,7 +265,7 @@ def _timed(runs: list[tuple], trials: int) -> list[float]:
 
 def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, dataset_dir: str, feature_net_dir: str,
                      steps: int, guidance_scale: float, wait_fraction: float, trials: int, quality_seeds: int,
-                     num_per_class: int, seed: int, release_dir: str) -> dict:
+                     num_per_class: int, seed: int, release_dir: str, compile_backbone: bool = False) -> dict:
     """The runtime release (the base pipeline + distillery.json: kind swift-diffusion, the registered add-on store)
     served in-process by the predictor and by its plain-diffusers twin, on the registered store: latency of one
     ControlNet + one cold LoRA (ours / baseline), the add-on overhead of a cold LoRA and of the ControlNet vs a
@@ -273,7 +273,9 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
     LATE_PATCH_FRACTIONS against it applied from step 0, as SSIM over `quality_seeds` images (no LoRA: the floor)
     and as the ratio of FDs to the held-out images in its style (`num_per_class` per class, the versioned
     evaluator); lora_<name>_* per LoRA, the worst LoRA's as ssim_late_k*/fd_ratio_late_k* (the gate's) and the mean
-    beside them. The add-on evaluations are carried along, so the gate sees every number."""
+    beside them. `compile_backbone` goes into the release's distillery.json: the predictor measured here (and
+    deployed) is then the compiled one, its compile and warm-up time logged as serving_warmup_s. The add-on
+    evaluations are carried along, so the gate sees every number."""
     import torch
 
     from distillery.models import image_eval
@@ -293,7 +295,8 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
     shutil.copytree(base_dir, release, dirs_exist_ok=True, ignore=shutil.ignore_patterns("distillery.json"))
     (release / "distillery.json").write_text(json.dumps({
         "kind": "swift-diffusion", "addons_uri": store["uri"], "wait_fraction": wait_fraction,
-        "addons_name": store["name"], "addons_version": store["version"]}, indent=1))
+        "compile_backbone": bool(compile_backbone), "addons_name": store["name"], "addons_version": store["version"]},
+        indent=1))
     ours, base = _predictor(SwiftDiffusionModel, release), _predictor(BaselineDiffusionModel, release)
     loras = sorted(n for k, n in ours._index if k == "lora")
     controlnet = sorted(n for k, n in ours._index if k == "controlnet")
@@ -339,6 +342,7 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
     metrics = {"latency_cn_cold_lora_s": t_ours, "baseline_latency_cn_cold_lora_s": t_base,
                "latency_ratio_cn_cold_lora": t_ours / t_base, "latency_no_addon_s": t_plain,
                "cold_lora_overhead": t_cold / t_plain - 1, "controlnet_overhead": t_cn / t_plain - 1,
+               "compiled_backbone": float(ours.runtime.compiled), "serving_warmup_s": ours.warmup_s,
                "late_patch_step": float(k_late), "late_patch_fraction": k_late / steps,
                "serving_steps": float(steps), "late_patch_loras": float(len(loras))}
     for name in loras:

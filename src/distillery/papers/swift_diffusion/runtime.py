@@ -8,15 +8,19 @@ putting their loading and patching on a request's critical path. How it maps to 
   boundary after its load lands, and blocks only at step K = round(wait_fraction * N) (the paper's code waits at
   step 20 of 50: wait_fraction 0.4). K = 0 is the usual apply-then-generate. A LoRA already cached is applied
   before step 0.
-- In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place (the products
-  computed on a background thread as soon as the LoRA lands, so a step boundary only adds; a resident LoRA is
-  patched before step 0 with one fused `addmm_` per layer, nothing to overlap it with) and keeps a copy
-  of every tensor it touched; after the request the copies are written back, so the base weights are restored bit
-  for bit (subtracting the delta again would not be: float addition does not invert exactly).
+- In-place patching. `LoRAPatcher` adds scale * (alpha / r) * B A to each targeted weight in place, one fused
+  `addmm_` per layer (3-4 ms for the tiny UNet's every layer), at the step boundary where a cold LoRA landed or
+  before step 0 for a resident one, and keeps a copy of every tensor it touched. (The products used to be built on
+  a background thread as the LoRA landed, leaving the boundary one addition per layer; on 2 cores that thread
+  takes a core from the denoising, and the fused patch at the boundary measured as fast or faster.) After the
+  request the copies are written back, so the base weights are restored bit for bit (subtracting the delta again
+  would not be: float addition does not invert exactly).
 - ControlNet-as-a-service. The UNet needs the ControlNet's residuals only in its up path: diffusers adds the down
   residuals to the skip connections and the mid residual after the mid block. `ControlNetHooks` starts the ControlNet
   when the UNet is called and joins it after the mid block, so it runs concurrently with the down and mid blocks;
-  the residuals are added in place where diffusers adds them. The ControlNet runs on a thread of ours, or
+  the residuals are added in place where diffusers adds them. The condition image's embedding (the ControlNet's
+  `controlnet_cond_embedding`, which diffusers recomputes at every step) is computed once a request
+  (`FixedCondition`). The ControlNet runs on a thread of ours, or
   (`controlnet_process=True`, CPU) in a worker process of its own, `ControlNetProcess`: the paper's service. PyTorch
   kernels release the GIL, so two threads overlap in the kernels only, not in diffusers' Python glue; a step of a
   small model on a CPU is mostly glue, and there the thread gains nothing while the process takes the ControlNet's
@@ -38,9 +42,15 @@ putting their loading and patching on a request's critical path. How it maps to 
 - The baseline (`baseline=True`) is what a plain diffusers user does per request: fetch, `load_lora_weights` +
   `set_adapters` + `fuse_lora`, the ControlNet run before the UNet at every step
   (`StableDiffusionControlNetPipeline`), then `unfuse_lora` + `unload_lora_weights`.
-- Not built: backbone kernel optimizations. `torch.compile` of the whole UNet runs a CPU step in 0.67x the time, but
-  our forward hooks break its graph; compiled block by block it hits dynamo's recompile limit (the ResNet blocks
-  share one code object) and gains nothing.
+- Backbone kernel optimizations (`compile_backbone=True`): the UNet's and every ControlNet's forward compiled by
+  `torch.compile` (inductor: fused kernels, no Python glue per layer). A compiled UNet cannot join a concurrent
+  ControlNet half-way: the join's hooks break its graph (a 0.88x step instead of 0.65x, measured). So compiled, the
+  ControlNet runs right before the UNet on all cores and hands over its residuals as diffusers' ControlNet pipeline
+  does (`ControlNetHooks(native=True)`: one pre-hook, outside the compiled forward); on 2 cores that is faster than
+  the eager concurrent ControlNet (`bench/swift_diffusion.py` measures both). LoRAs are still patched in place: the
+  compiled graph reads the weights as inputs, so a patch is seen at the next step. Shapes are static (a dynamic
+  graph compiled in 200 s and ran slower): each new batch shape compiles once, 15-40 s on 2 cores, which is why
+  the predictor warms up at load. Inductor needs a C++ compiler on a CPU (the image has one).
 """
 
 from __future__ import annotations
@@ -157,13 +167,6 @@ class LoRAPatcher:
                 raise ValueError(f"LoRA {lora.name!r} does not fit {name!r}: B A is {b.shape[0]} x {a[0].numel()}, "
                                  f"the weight {tuple(weight.shape)}")
 
-    @torch.no_grad()
-    def deltas(self, lora: LoRA, scale: float) -> dict[str, torch.Tensor]:
-        """scale * (alpha / r) * B A per layer in the weight's shape and dtype: the part of a patch that can be
-        computed off the critical path, leaving one addition per layer for the step boundary."""
-        return {name: (scale * lora.delta(name, self.modules[name].weight.shape)).to(self.modules[name].weight.dtype)
-                for name in lora.layers}
-
     def _weight(self, name: str) -> torch.Tensor:
         """The layer's weight, its base copy kept before the first change."""
         weight = self.modules[name].weight
@@ -172,14 +175,9 @@ class LoRAPatcher:
         return weight
 
     @torch.no_grad()
-    def add(self, deltas: dict[str, torch.Tensor]) -> None:
-        for name, delta in deltas.items():
-            self._weight(name).add_(delta)
-
-    @torch.no_grad()
     def apply(self, lora: LoRA, scale: float) -> None:
-        """W += scale * (alpha / r) * B A as one fused `addmm_` per layer: where nothing is precomputed (a resident
-        LoRA before step 0) this skips building the products apart, a third of a patch's time here."""
+        """W += scale * (alpha / r) * B A as one fused `addmm_` per layer (3-4 ms for a LoRA on every layer of the
+        tiny UNet, with the restore): no product is built apart."""
         for name in lora.layers:
             weight = self._weight(name)
             weight.view(weight.shape[0], -1).addmm_(*lora.factors(name, weight.dtype), alpha=scale * lora.scaling)
@@ -192,11 +190,11 @@ class LoRAPatcher:
 
 
 class LatePatch:
-    """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its deltas are ready
-    (`pending`: name and a future of `LoRAPatcher.deltas`), and waited for at step `wait_step` at the latest.
+    """`callback_on_step_end`: each LoRA is patched in at the first step boundary after its fetch lands
+    (`pending`: name, scale and the cache's future of the `LoRA`), and waited for at step `wait_step` at the latest.
     `applied_from[name]` is the first step that ran with it."""
 
-    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, Future]], wait_step: int, steps: int,
+    def __init__(self, patcher: LoRAPatcher, pending: list[tuple[str, float, Future]], wait_step: int, steps: int,
                  timeout_s: float | None = None):
         self.patcher, self.pending, self.wait_step, self.steps = patcher, pending, wait_step, steps
         self.timeout_s = timeout_s
@@ -206,14 +204,39 @@ class LatePatch:
         """Before `step` runs: patch what has landed; at the wait step, wait for the rest."""
         if step >= self.steps:
             return  # nothing left to run with it
-        for name, future in self.pending:
+        for name, scale, future in self.pending:
             if name not in self.applied_from and (future.done() or step >= self.wait_step):
-                self.patcher.add(_result(future, self.timeout_s, f"LoRA {name!r}"))
+                self.patcher.apply(_result(future, self.timeout_s, f"LoRA {name!r}"), scale)
                 self.applied_from[name] = step
 
     def __call__(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
         self.patch_ready(i + 1)
         return callback_kwargs
+
+
+class FixedCondition(torch.nn.Module):
+    """Stands in for a ControlNet's `controlnet_cond_embedding` during one request. The condition image is the same
+    at every step, and so is its embedding: computed once here instead of at every step (diffusers recomputes it,
+    a quarter of a small ControlNet's time)."""
+
+    def __init__(self, net: torch.nn.Module, image: torch.Tensor):
+        super().__init__()
+        with torch.no_grad():
+            self.register_buffer("embedding", net(image), persistent=False)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:  # cond: the image tiled over guidance's halves
+        return self.embedding.repeat(cond.shape[0] // self.embedding.shape[0], 1, 1, 1)
+
+
+@contextmanager
+def fixed_condition(controlnet, image: torch.Tensor):
+    """The ControlNet with the condition's embedding computed once, for the requests' steps; its own net after."""
+    net = controlnet.controlnet_cond_embedding
+    controlnet.controlnet_cond_embedding = FixedCondition(net, image)
+    try:
+        yield controlnet
+    finally:
+        controlnet.controlnet_cond_embedding = net
 
 
 def controlnet_residuals(controlnet, image: torch.Tensor, scale: float, sample, timestep, text):
@@ -236,17 +259,28 @@ class ControlNetHooks:
     half the calling thread runs, and the hooks ignore the unconditional half on the split's worker thread."""
 
     def __init__(self, unet, controlnet, image: torch.Tensor, scale: float = 1.0,
-                 executor: ThreadPoolExecutor | ControlNetProcess | None = None, cond_only: bool = False):
+                 executor: ThreadPoolExecutor | ControlNetProcess | None = None, cond_only: bool = False,
+                 native: bool = False):
+        if native and executor is not None:
+            raise ValueError("native hands the residuals to the UNet's call: the ControlNet runs before it, "
+                             "not on an executor")
         self.unet, self.controlnet, self.image, self.scale, self.executor = unet, controlnet, image, scale, executor
-        self.cond_only = cond_only
+        self.cond_only, self.native = cond_only, native
         self._handles: list = []
         self._skips: list[torch.Tensor] = []
         self._job: Future | None = None
         self._owner: int | None = None
+        self._fixed = None
         self.calls = 0
 
     def __enter__(self) -> "ControlNetHooks":
         u = self.unet
+        if not isinstance(self.executor, ControlNetProcess):  # the process embeds the condition on its side
+            self._fixed = fixed_condition(self.controlnet, self.image)
+            self._fixed.__enter__()
+        if self.native:
+            self._handles = [u.register_forward_pre_hook(self._inject, with_kwargs=True)]
+            return self
         if isinstance(self.executor, ControlNetProcess):
             self.executor.begin(self.controlnet, self.image, self.scale)
         self._handles = [u.register_forward_pre_hook(self._start, with_kwargs=True),
@@ -266,15 +300,34 @@ class ControlNetHooks:
         for h in self._handles:
             h.remove()
         self._handles, self._skips, self._job = [], [], None
+        if self._fixed is not None:
+            self._fixed.__exit__(*exc)
+            self._fixed = None
 
     def _run(self, sample, timestep, text):
         return controlnet_residuals(self.controlnet, self.image, self.scale, sample, timestep, text)
 
-    def _start(self, module, args, kwargs):
+    def _inputs(self, args, kwargs) -> tuple:
+        """The UNet call's (sample, timestep, text), of its conditional half only under `cond_only`."""
         names = ("sample", "timestep", "encoder_hidden_states")
         sample, timestep, text = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
         if self.cond_only:
             (sample, timestep, text), _ = _halves(sample.shape[0], sample, timestep, text)[1]
+        return sample, timestep, text
+
+    def _inject(self, module, args, kwargs):
+        """native: the residuals computed here, before the UNet's (compiled) forward, passed in as its
+        `down_block_additional_residuals` / `mid_block_additional_residual`; the unconditional rows get zeros."""
+        rows = (args[0] if args else kwargs["sample"]).shape[0]
+        down, mid = self._run(*self._inputs(args, kwargs))
+        self.calls += 1
+        if mid.shape[0] < rows:
+            down = tuple(_pad_rows(d, rows) for d in down)
+            mid = _pad_rows(mid, rows)
+        return args, {**kwargs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def _start(self, module, args, kwargs):
+        sample, timestep, text = self._inputs(args, kwargs)
         self._skips, self._owner = [], threading.get_ident()
         self.calls += 1
         if self.executor is None:
@@ -297,6 +350,20 @@ class ControlNetHooks:
         for skip, residual in zip(self._skips, down):
             skip[rows].add_(residual)  # the UNet's up path reads these very tensors
         output[rows].add_(mid)  # likewise the mid block's output, which the hook leaves in place
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` as the batch's last rows, zeros before it."""
+    return torch.cat([x.new_zeros((rows - x.shape[0], *x.shape[1:])), x])
+
+
+def compile_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's forward compiled in place (once), static shapes. The forward, not the module's call: its
+    hooks (a ControlNet's pre-hook) stay outside the graph."""
+    if not getattr(module, "_distillery_compiled", False):
+        module.forward = torch.compile(module.forward, dynamic=False)
+        module._distillery_compiled = True
+    return module
 
 
 _SERVICE_KEYS = itertools.count()
@@ -408,6 +475,7 @@ def _controlnet_service(conn, threads: int) -> None:
 
     torch.set_num_threads(threads)
     models: dict[int, Any] = {}
+    nets: dict[int, Any] = {}  # each ControlNet's own condition embedding net
     broken: dict[int, str] = {}  # ControlNets whose load failed, and why
     model = image = scale = None
     failed = ""  # why the request's ControlNet could not be set up, answered at each of its steps
@@ -418,13 +486,15 @@ def _controlnet_service(conn, threads: int) -> None:
                     _, key, config, state = msg
                     cn = ControlNetModel.from_config(config)
                     cn.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-                    models[key] = cn.eval()
+                    models[key], nets[key] = cn.eval(), cn.controlnet_cond_embedding
                 elif msg[0] == "drop":
                     models.pop(msg[1], None)
+                    nets.pop(msg[1], None)
                 elif msg[0] == "begin":
                     failed = broken.get(msg[1], "")
                     if not failed:
                         model, image, scale = models[msg[1]], torch.from_numpy(msg[2]), msg[3]
+                        model.controlnet_cond_embedding = FixedCondition(nets[msg[1]], image)  # for this request
                 elif failed:
                     conn.send(("error", failed))
                 else:
@@ -544,24 +614,30 @@ class SwiftRuntime:
 
     def __init__(self, pipe, cache: AddonCache, *, wait_fraction: float = 0.4, parallel_controlnet: bool = True,
                  controlnet_process: bool = False, controlnet_threads: int = 1, guidance_split: bool = False,
-                 controlnet_cond_only: bool = False, baseline: bool = False, fetch_timeout_s: float | None = 120.0):
+                 controlnet_cond_only: bool = False, compile_backbone: bool = False, baseline: bool = False,
+                 fetch_timeout_s: float | None = 120.0):
         if not 0 <= wait_fraction < 1:
             raise ValueError(f"wait_fraction must be in [0, 1), got {wait_fraction}")
+        if compile_backbone and (baseline or guidance_split):
+            raise ValueError("compile_backbone does not combine with " + (
+                "baseline: the baseline is plain diffusers" if baseline else
+                "guidance_split: the compiled UNet runs both halves in one call"))
         self.pipe, self.cache, self.wait_fraction, self.baseline = pipe, cache, wait_fraction, baseline
         self.fetch_timeout_s, self.controlnet_threads = fetch_timeout_s, controlnet_threads
         self.controlnet_cond_only = controlnet_cond_only
         self.cores = len(os.sched_getaffinity(0))
         self.patcher = LoRAPatcher(pipe.unet)
-        parallel = parallel_controlnet and not baseline
+        self.compiled = compile_backbone
+        if compile_backbone:  # the ControlNets are compiled as they are first used
+            for module in (pipe.unet, pipe.text_encoder, pipe.vae.decoder):
+                compile_forward(module)
+        parallel = parallel_controlnet and not baseline and not compile_backbone
         # The process holds its tensors in host memory: on an accelerator the ControlNet stays on a thread.
         if parallel and controlnet_process and pipe.device.type == "cpu":
             self.executor: ThreadPoolExecutor | ControlNetProcess | None = ControlNetProcess(controlnet_threads)
         else:
             self.executor = worker("controlnet", controlnet_threads) if parallel else None
         self.guidance_worker = worker("unconditional") if guidance_split and not baseline else None
-        # A fetched LoRA's B A products are computed here, beside the denoising, with one intra-op thread.
-        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="lora-deltas", initializer=torch.set_num_threads,
-                                           initargs=(1,))
 
     def close(self) -> None:
         """Stops the ControlNet worker process, if one runs (it is a daemon: it also ends with this process)."""
@@ -603,7 +679,7 @@ class SwiftRuntime:
             if hit:  # patched before step 0, right here
                 resident.append((name, future.result(), scale))
             else:
-                pending.append((name, self._prepare.submit(self._deltas, future, scale, name)))
+                pending.append((name, scale, future))
             report["loras"].append({"name": name, "scale": scale, "cache": "hit" if hit else "miss"})
         late = LatePatch(self.patcher, pending, report["wait_step"], g.steps, self.fetch_timeout_s)
         split = report["guidance_split"] = self.split(g)
@@ -623,9 +699,6 @@ class SwiftRuntime:
             entry["applied_from_step"] = late.applied_from[entry["name"]]
         return images, report
 
-    def _deltas(self, fetched: Future, scale: float, name: str) -> dict[str, torch.Tensor]:
-        return self.patcher.deltas(_result(fetched, self.fetch_timeout_s, f"LoRA {name!r}"), scale)
-
     @contextmanager
     def _split(self, on: bool):
         if not on:
@@ -644,9 +717,11 @@ class SwiftRuntime:
         report["controlnet"] = {"name": g.controlnet, "cache": "hit" if hit else "miss",
                                 "parallel": self.executor is not None,
                                 "process": isinstance(self.executor, ControlNetProcess),
-                                "conditional_half_only": cond_only}
+                                "conditional_half_only": cond_only, "compiled": self.compiled}
+        if self.compiled:
+            compile_forward(controlnet)
         with ControlNetHooks(self.pipe.unet, controlnet, g.control_image, g.controlnet_scale, self.executor,
-                             cond_only=cond_only) as hooks:
+                             cond_only=cond_only, native=self.compiled) as hooks:
             yield hooks
 
     def _baseline(self, g: Generation, common: dict) -> tuple[list, dict]:
