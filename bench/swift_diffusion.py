@@ -3,12 +3,13 @@ kind and its swift-diffusion-baseline twin built on the same model folder and ad
 
 1. one ControlNet (resident) + one cold LoRA: latency of ours vs plain diffusers (load_lora_weights + fuse_lora per
    request, ControlNet before the UNet, unfuse + unload), with the store as it is and with a slower store
-   (`--fetch-delay-ms` added to every add-on fetch);
+   (`--fetch-delay-ms` added to every add-on fetch); ours eager (the predictor's default) and with the compiled
+   backbone (`compile_backbone`, a predictor of its own; its load, compile and warm-up included, is reported);
 2. add-on overhead vs a no-add-on request: a cold LoRA whose fetch fits within K steps, a resident LoRA, the
    ControlNet run concurrently with the UNet (on the conditional half, the default, and on both halves; in its
    worker process, and on a thread) and sequentially, and the
    machine's own parallel headroom (two one-thread matmul loops at once vs one after the other: the cap of the
-   concurrent ControlNet's gain);
+   concurrent ControlNet's gain); and the compiled backbone against eager, with and without add-ons;
 3. quality of late patching: SSIM against the from-step-0 image when the LoRA lands at K/N in {0, 0.1, 0.2, 0.4},
    with the no-LoRA image as the floor; and of the ControlNet on the conditional half only (the default, and the
    guidance split's), against the ControlNet on both halves (the no-ControlNet image as the floor).
@@ -83,20 +84,27 @@ def _model_folder(opts, work: Path) -> Path:
     return model
 
 
-def _predictor(kind, model: Path, delay_s: float):
-    from distillery.papers.swift_diffusion.runtime import AddonCache
-
+def _predictor(kind, model: Path, delay_s: float, **limits):
     m = kind("bench", model)
     m.check()
+    m.addon_limits.update(limits)
+    t = time.perf_counter()
     m.load_model()
+    m.load_s = time.perf_counter() - t
     m.pipe.set_progress_bar_config(disable=True)
+    m.fresh_cache = _caches(m, delay_s)
+    return m
+
+
+def _caches(m, delay_s: float):
+    """A maker of empty add-on caches for predictor `m` whose store answers `delay_s` later."""
+    from distillery.papers.swift_diffusion.runtime import AddonCache
 
     def slow_load(k, name):  # a store farther away: the same files, later
         time.sleep(delay_s)
         return m._load_addon(k, name)
 
-    m.fresh_cache = lambda: AddonCache(slow_load, m.addon_limits["addon_cache_bytes"])
-    return m
+    return lambda: AddonCache(slow_load, m.addon_limits["addon_cache_bytes"])
 
 
 def _control_image(m) -> torch.Tensor:
@@ -197,19 +205,26 @@ def main() -> None:
         return SwiftRuntime(m.pipe, m.runtime.cache, wait_fraction=opts.wait_fraction, controlnet_cond_only=False,
                             controlnet_process=m.addon_limits["controlnet_process"])
 
-    # 1. one ControlNet + one cold LoRA, ours (without and with the guidance split) vs diffusers, two store latencies
+    # 1. one ControlNet + one cold LoRA, ours (eager: without and with the guidance split; compiled) vs diffusers,
+    # two store latencies. The compiled runtime has a model of its own: compiling replaces its UNet's forward.
+    compiled = _predictor(SwiftDiffusionModel, model, 0.0, compile_backbone=True)
+    extra["compiled_load_s"] = round(compiled.load_s, 1)
     for delay_ms in (0.0, opts.fetch_delay_ms):
         ours = _predictor(SwiftDiffusionModel, model, delay_ms / 1000)
         base = _predictor(BaselineDiffusionModel, model, delay_ms / 1000)
+        compiled_cache = _caches(compiled, delay_ms / 1000)
         g = gen([lora], cn=True)
-        (t_ours, reps), (t_both, _), (t_split, _), (t_base, _) = _measure(
+        (t_ours, reps), (t_both, _), (t_split, _), (t_comp, creps), (t_base, _) = _measure(
             [(ours.runtime, ours.fresh_cache, g, True), (both_halves_runtime(ours), ours.fresh_cache, g, True),
-             (split_runtime(ours), ours.fresh_cache, g, True), (base.runtime, base.fresh_cache, g, True)],
-            opts.trials)
+             (split_runtime(ours), ours.fresh_cache, g, True), (compiled.runtime, compiled_cache, g, True),
+             (base.runtime, base.fresh_cache, g, True)], opts.trials)
         rows += [(f"ControlNet + cold LoRA, store +{delay_ms:.0f} ms: latency", t_ours, t_base, "s"),
                  ("  the same, the ControlNet on both halves", t_both, t_base, "s"),
-                 ("  the same with guidance split (ControlNet on the conditional half)", t_split, t_base, "s")]
+                 ("  the same with guidance split (ControlNet on the conditional half)", t_split, t_base, "s"),
+                 ("  the same, compiled backbone (ControlNet before the UNet, conditional half)", t_comp, t_base, "s")]
         extra[f"applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"] for r in reps]
+        extra[f"compiled_applied_from_step_store_{delay_ms:.0f}ms"] = [r["loras"][0]["applied_from_step"]
+                                                                      for r in creps]
 
     # 2. overhead vs no add-on (ours; the cold LoRA's fetch delay chosen to fit within K steps)
     ((plain, _),) = _measure([(ours.runtime, ours.fresh_cache, gen(), False)], opts.trials)
@@ -221,12 +236,15 @@ def main() -> None:
     thread_rt = SwiftRuntime(ours.pipe, ours.runtime.cache, wait_fraction=opts.wait_fraction, controlnet_process=False)
     rt, fresh = ours.runtime, ours.fresh_cache
     split_rt, both_rt = split_runtime(ours), both_halves_runtime(ours)
+    comp_rt, comp_fresh = compiled.runtime, _caches(compiled, delay_s)
     (plain, _), (cold, reps), (hot, _), (parallel, _), (both_cn, _), (sequential, _), (threaded, _), (split, _), \
-        (split_cn, _) = _measure(
+        (split_cn, _), (comp_plain, _), (comp_cold, _), (comp_cn, _) = _measure(
             [(rt, fresh, gen(), False), (rt, fresh, gen([lora]), True), (rt, fresh, gen([lora]), False),
              (rt, fresh, gen(cn=True), False), (both_rt, fresh, gen(cn=True), False),
              (sequential_rt, fresh, gen(cn=True), False), (thread_rt, fresh, gen(cn=True), False),
-             (split_rt, fresh, gen(), False), (split_rt, fresh, gen(cn=True), False)], opts.trials)
+             (split_rt, fresh, gen(), False), (split_rt, fresh, gen(cn=True), False),
+             (comp_rt, comp_fresh, gen(), False), (comp_rt, comp_fresh, gen([lora]), True),
+             (comp_rt, comp_fresh, gen(cn=True), False)], opts.trials)
     rows += [(f"cold LoRA (fetch {delay_s * 1000:.0f} ms < K={wait_step} steps) vs no add-on", cold, plain, "s"),
              ("resident LoRA vs no add-on", hot, plain, "s"),
              ("ControlNet concurrent, conditional half vs no add-on", parallel, plain, "s"),
@@ -237,6 +255,11 @@ def main() -> None:
              ("ControlNet concurrent: conditional half vs both halves", parallel, both_cn, "s"),
              ("no add-on: guidance split vs one batched call", split, plain, "s"),
              ("ControlNet, conditional half: split vs one batched call", split_cn, parallel, "s"),
+             ("compiled backbone, no add-on vs eager no add-on", comp_plain, plain, "s"),
+             ("compiled backbone: cold LoRA vs no add-on", comp_cold, comp_plain, "s"),
+             ("compiled backbone: ControlNet (before the UNet, conditional half) vs no add-on", comp_cn, comp_plain,
+              "s"),
+             ("ControlNet, conditional half: compiled vs eager concurrent", comp_cn, parallel, "s"),
              ("machine headroom: two kernel threads vs one after the other", *_headroom(), "s")]
     extra["cold_lora_applied_from_step"] = [r["loras"][0]["applied_from_step"] for r in reps]
 
