@@ -127,7 +127,7 @@ class SwiftDiffusionModel(TextToImageModel):
 
         t = time.perf_counter()
         g = Generation(prompts=["warm-up"], seeds=[0], steps=2, guidance=float(self.limits["default_guidance"]))
-        controlnets = sorted(n for k, n in self._index if k == "controlnet")
+        controlnets = self.addon_names("controlnet")
         with torch.inference_mode():
             self.runtime.generate(g)
             if controlnets:
@@ -150,6 +150,10 @@ class SwiftDiffusionModel(TextToImageModel):
         with self._index_lock:
             self._index, self._indexed_at = found, time.monotonic()
 
+    def addon_names(self, kind: str) -> list[str]:
+        """The names of the store's add-ons of this kind ("lora" or "controlnet"), sorted, as last listed."""
+        return sorted(n for k, n in self._index if k == kind)
+
     def _known(self, kind: str, name: Any) -> str:
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidInput(f"{kind} name must be a string of letters, digits, '.', '_' or '-', got {name!r}")
@@ -157,7 +161,7 @@ class SwiftDiffusionModel(TextToImageModel):
             if time.monotonic() - self._indexed_at > INDEX_REFRESH_S:  # added to the store since the last look?
                 self._refresh_index()
             if (kind, name) not in self._index:
-                known = sorted(n for k, n in self._index if k == kind)
+                known = self.addon_names(kind)
                 raise InvalidInput(f"unknown {kind} {name!r}; available: {known}")
         return name
 

@@ -298,8 +298,7 @@ def evaluate_serving(*, base_dir: str, store_dir: str, addon_metrics: str, datas
         "compile_backbone": bool(compile_backbone), "addons_name": store["name"], "addons_version": store["version"]},
         indent=1))
     ours, base = _predictor(SwiftDiffusionModel, release), _predictor(BaselineDiffusionModel, release)
-    loras = sorted(n for k, n in ours._index if k == "lora")
-    controlnet = sorted(n for k, n in ours._index if k == "controlnet")
+    loras, controlnet = ours.addon_names("lora"), ours.addon_names("controlnet")
     if not loras or not controlnet:
         raise ValueError(f"the registered store {store['uri']} lacks a LoRA or a ControlNet: {sorted(ours._index)}")
     lora, cn = ("lora", loras[0]), ("controlnet", controlnet[0])

@@ -20,7 +20,7 @@ putting their loading and patching on a request's critical path. How it maps to 
   when the UNet is called and joins it after the mid block, so it runs concurrently with the down and mid blocks;
   the residuals are added in place where diffusers adds them. The condition image's embedding (the ControlNet's
   `controlnet_cond_embedding`, which diffusers recomputes at every step) is computed once a request
-  (`FixedCondition`). The ControlNet runs on a thread of ours, or
+  (`FixedCondition`, swapped in for the request). The ControlNet runs on a thread of ours, or
   (`controlnet_process=True`, CPU) in a worker process of its own, `ControlNetProcess`: the paper's service. PyTorch
   kernels release the GIL, so two threads overlap in the kernels only, not in diffusers' Python glue; a step of a
   small model on a CPU is mostly glue, and there the thread gains nothing while the process takes the ControlNet's
@@ -228,17 +228,6 @@ class FixedCondition(torch.nn.Module):
         return self.embedding.repeat(cond.shape[0] // self.embedding.shape[0], 1, 1, 1)
 
 
-@contextmanager
-def fixed_condition(controlnet, image: torch.Tensor):
-    """The ControlNet with the condition's embedding computed once, for the requests' steps; its own net after."""
-    net = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = FixedCondition(net, image)
-    try:
-        yield controlnet
-    finally:
-        controlnet.controlnet_cond_embedding = net
-
-
 def controlnet_residuals(controlnet, image: torch.Tensor, scale: float, sample, timestep, text):
     """The ControlNet's (down residuals, mid residual) for one UNet call; the condition image, one per prompt, is
     repeated for every half of a guidance batch, as in diffusers' ControlNet pipeline."""
@@ -270,14 +259,14 @@ class ControlNetHooks:
         self._skips: list[torch.Tensor] = []
         self._job: Future | None = None
         self._owner: int | None = None
-        self._fixed = None
+        self._own_net = None
         self.calls = 0
 
     def __enter__(self) -> "ControlNetHooks":
         u = self.unet
         if not isinstance(self.executor, ControlNetProcess):  # the process embeds the condition on its side
-            self._fixed = fixed_condition(self.controlnet, self.image)
-            self._fixed.__enter__()
+            self._own_net = self.controlnet.controlnet_cond_embedding  # put back at exit
+            self.controlnet.controlnet_cond_embedding = FixedCondition(self._own_net, self.image)
         if self.native:
             self._handles = [u.register_forward_pre_hook(self._inject, with_kwargs=True)]
             return self
@@ -300,9 +289,8 @@ class ControlNetHooks:
         for h in self._handles:
             h.remove()
         self._handles, self._skips, self._job = [], [], None
-        if self._fixed is not None:
-            self._fixed.__exit__(*exc)
-            self._fixed = None
+        if self._own_net is not None:
+            self.controlnet.controlnet_cond_embedding, self._own_net = self._own_net, None
 
     def _run(self, sample, timestep, text):
         return controlnet_residuals(self.controlnet, self.image, self.scale, sample, timestep, text)
@@ -474,8 +462,7 @@ def _controlnet_service(conn, threads: int) -> None:
     from diffusers import ControlNetModel
 
     torch.set_num_threads(threads)
-    models: dict[int, Any] = {}
-    nets: dict[int, Any] = {}  # each ControlNet's own condition embedding net
+    models: dict[int, tuple] = {}  # key -> (ControlNet, its own condition embedding net)
     broken: dict[int, str] = {}  # ControlNets whose load failed, and why
     model = image = scale = None
     failed = ""  # why the request's ControlNet could not be set up, answered at each of its steps
@@ -486,15 +473,14 @@ def _controlnet_service(conn, threads: int) -> None:
                     _, key, config, state = msg
                     cn = ControlNetModel.from_config(config)
                     cn.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-                    models[key], nets[key] = cn.eval(), cn.controlnet_cond_embedding
+                    models[key] = cn.eval(), cn.controlnet_cond_embedding
                 elif msg[0] == "drop":
                     models.pop(msg[1], None)
-                    nets.pop(msg[1], None)
                 elif msg[0] == "begin":
                     failed = broken.get(msg[1], "")
                     if not failed:
-                        model, image, scale = models[msg[1]], torch.from_numpy(msg[2]), msg[3]
-                        model.controlnet_cond_embedding = FixedCondition(nets[msg[1]], image)  # for this request
+                        (model, net), image, scale = models[msg[1]], torch.from_numpy(msg[2]), msg[3]
+                        model.controlnet_cond_embedding = FixedCondition(net, image)  # for this request
                 elif failed:
                     conn.send(("error", failed))
                 else:
