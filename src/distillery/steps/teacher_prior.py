@@ -99,14 +99,15 @@ SEARCH_SPACE = {"w_style": (0.1, 0.6), "c_aux": (0.01, 2.0)}
 def sweep_worker(*, env_dir: str, rollouts_dir: str, study_name: str, worker: int, n_trials: int, trial_steps: int,
                  rollout_steps: int, num_envs: int, lr: float, hidden: int, eval_episodes: int, seed: int) -> dict:
     """One worker of the study over the style-reward weight (w_task = 1 - w_style) and the auxiliary weight: a trial
-    trains the method student for trial_steps environment steps and scores its mean return on held-out terrain
-    under the training noise. Workers share the study by name and each seeds its own sampler."""
+    trains the method student for trial_steps environment steps and scores its mean return on validation terrain
+    (VALID_SEEDS: neither trained on nor in the held-out evaluation) under the training noise. Workers share the study by name and each seeds its own sampler."""
     import tempfile
 
     import mlflow
 
     from distillery.papers.teacher_prior import PriorConfig, train_ppo
     from distillery.papers.teacher_prior import evaluate as ev
+    from distillery.papers.teacher_prior.train import VALID_SEEDS
     from distillery.papers.teacher_prior import rollouts as R
     from distillery.papers.teacher_prior.policy import load_policy
     from distillery.platform import sweeps
@@ -125,7 +126,7 @@ def sweep_worker(*, env_dir: str, rollouts_dir: str, study_name: str, worker: in
                           rollout_steps=rollout_steps, seed=seed, rollouts=arrays,
                           pc=PriorConfig(w_task=1 - w_style, w_style=w_style, c_aux=c_aux))
             s = ev.summarize(ev.run_episodes(load_policy(Path(tmp) / "student"), cfg, eval_episodes, cfg.obs_noise,
-                                             seed=1 + worker))
+                                             seed=1 + worker, terrain_seeds=VALID_SEEDS))
         mlflow.log_metrics({"eval_return": s["return"], "eval_fall_rate": s["fall_rate"],
                             **{k: v for k, v in m.items() if k.startswith("final_disc") or k == "final_aux_mse"}})
         return s["return"]
@@ -244,6 +245,13 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
         if dc:
             metrics[f"{name.replace('-', '_')}_final_disc_accuracy"] = float(dc[-1][1])
     tracking.log_figure(ev.learning_curves_figure(curves, "mean training episode return"), "learning_curves.png")
+    # Model selection: where in each run the saved weights come from, and the validation returns it chose among.
+    selected = {n: p.meta.get("selected_step") for n, p in policies.items()}
+    for name, p in policies.items():
+        if selected[name] is not None:
+            metrics[f"{name.replace('-', '_')}_selected_step"] = float(selected[name])
+            for step, r in p.meta.get("selection_curve", []):
+                mlflow.log_metric(f"{name.replace('-', '_')}_validation_return", r, step=int(step))
     if render:
         strips, reason = {}, ""
         for name, p in policies.items():
@@ -261,6 +269,8 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
               + " |" for k, s in summary.items()]
     lines += ["", "| policy | env steps to 80% of final training return |", "|---|---:|"]
     lines += [f"| {n} | {v:.0f} |" for n, v in steps80.items() if np.isfinite(v)]
+    lines += ["", "| policy | saved weights from env step (model selection on validation terrain) |", "|---|---:|"]
+    lines += [f"| {n} | {v} |" for n, v in selected.items() if v is not None]
     Path(table_path).write_text("# teacher-prior evaluation (held-out terrain)\n\n" + "\n".join(lines) + "\n")
     mlflow.log_text("\n".join(lines), "evaluation_table.md")
     tracking.log_dict(summary, "evaluation.json")

@@ -14,15 +14,17 @@ from distillery.papers.teacher_prior.env import AUX_NAMES, TerrainConfig, Terrai
 from distillery.papers.teacher_prior.train import EVAL_SEEDS
 
 
-def run_episodes(policy, cfg: TerrainConfig, episodes: int, noise: float, seed: int = 0, batch: int = 16) -> dict:
-    """`episodes` episodes on terrain seeds EVAL_SEEDS[0] + seed*episodes + k; the teacher sees its privileged
-    observations, students their noisy history (at `noise` x NOISE_SCALE)."""
+def run_episodes(policy, cfg: TerrainConfig, episodes: int, noise: float, seed: int = 0, batch: int = 16,
+                 terrain_seeds: tuple[int, int] = EVAL_SEEDS) -> dict:
+    """`episodes` episodes on terrain seeds terrain_seeds[0] + seed*episodes + k (the held-out evaluation's unless
+    told: model selection passes VALID_SEEDS); the teacher sees its privileged observations, students their noisy
+    history (at `noise` x NOISE_SCALE)."""
     ep = {k: np.zeros(episodes) for k in ("return", "fell", "distance", "tracking_error", "length")}
     aux_true, aux_pred = [], []
     for lo in range(0, episodes, batch):
         idx = np.arange(lo, min(episodes, lo + batch))
-        env = TerrainVecEnv(cfg, len(idx), seed=seed * 7919 + lo, terrain_seeds=EVAL_SEEDS, obs_noise=noise)
-        obs = env.reset([EVAL_SEEDS[0] + seed * episodes + int(i) for i in idx])
+        env = TerrainVecEnv(cfg, len(idx), seed=seed * 7919 + lo, terrain_seeds=terrain_seeds, obs_noise=noise)
+        obs = env.reset([terrain_seeds[0] + seed * episodes + int(i) for i in idx])
         live = np.ones(len(idx), bool)
         err, steps = np.zeros(len(idx)), np.zeros(len(idx))
         while live.any():
