@@ -60,11 +60,8 @@ def main() -> None:
     }
     if "return_ratio_vs_bc" in m:
         targets["method >= 1.15x plain BC's return or <= 0.7x its fall rate"] = beats("bc")
-    selected = {k.removesuffix("_selected_step"): v for k, v in m.items() if k.endswith("_selected_step")}
-    extra.update(targets=targets, metrics=table, aux_r2=m.get("aux_r2"), selected_steps=selected)
+    extra.update(targets=targets, metrics=table, aux_r2=m.get("aux_r2"))
     report("teacher_prior", rows, extra)
-    for name, step in selected.items():  # model selection: where in each run the saved weights come from
-        print(f"{name:>8}: weights from env step {step:,.0f}")
     for name, met in targets.items():
         print(f"{'met   ' if met else 'MISSED'}  {name}")
 

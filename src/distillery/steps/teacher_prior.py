@@ -100,7 +100,8 @@ def sweep_worker(*, env_dir: str, rollouts_dir: str, study_name: str, worker: in
                  rollout_steps: int, num_envs: int, lr: float, hidden: int, eval_episodes: int, seed: int) -> dict:
     """One worker of the study over the style-reward weight (w_task = 1 - w_style) and the auxiliary weight: a trial
     trains the method student for trial_steps environment steps and scores its mean return on validation terrain
-    (VALID_SEEDS: neither trained on nor in the held-out evaluation) under the training noise. Workers share the study by name and each seeds its own sampler."""
+    (VALID_SEEDS: neither trained on nor in the held-out evaluation, whose seeds the trials once shared) under the
+    training noise. Workers share the study by name and each seeds its own sampler."""
     import tempfile
 
     import mlflow
@@ -245,13 +246,6 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
         if dc:
             metrics[f"{name.replace('-', '_')}_final_disc_accuracy"] = float(dc[-1][1])
     tracking.log_figure(ev.learning_curves_figure(curves, "mean training episode return"), "learning_curves.png")
-    # Model selection: where in each run the saved weights come from, and the validation returns it chose among.
-    selected = {n: p.meta.get("selected_step") for n, p in policies.items()}
-    for name, p in policies.items():
-        if selected[name] is not None:
-            metrics[f"{name.replace('-', '_')}_selected_step"] = float(selected[name])
-            for step, r in p.meta.get("selection_curve", []):
-                mlflow.log_metric(f"{name.replace('-', '_')}_validation_return", r, step=int(step))
     if render:
         strips, reason = {}, ""
         for name, p in policies.items():
@@ -269,8 +263,6 @@ def evaluate(*, env_dir: str, teacher_dir: str, student_dirs: dict[str, str], ep
               + " |" for k, s in summary.items()]
     lines += ["", "| policy | env steps to 80% of final training return |", "|---|---:|"]
     lines += [f"| {n} | {v:.0f} |" for n, v in steps80.items() if np.isfinite(v)]
-    lines += ["", "| policy | saved weights from env step (model selection on validation terrain) |", "|---|---:|"]
-    lines += [f"| {n} | {v} |" for n, v in selected.items() if v is not None]
     Path(table_path).write_text("# teacher-prior evaluation (held-out terrain)\n\n" + "\n".join(lines) + "\n")
     mlflow.log_text("\n".join(lines), "evaluation_table.md")
     tracking.log_dict(summary, "evaluation.json")

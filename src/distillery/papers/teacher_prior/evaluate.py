@@ -17,8 +17,8 @@ from distillery.papers.teacher_prior.train import EVAL_SEEDS
 def run_episodes(policy, cfg: TerrainConfig, episodes: int, noise: float, seed: int = 0, batch: int = 16,
                  terrain_seeds: tuple[int, int] = EVAL_SEEDS) -> dict:
     """`episodes` episodes on terrain seeds terrain_seeds[0] + seed*episodes + k (the held-out evaluation's unless
-    told: model selection passes VALID_SEEDS); the teacher sees its privileged observations, students their noisy
-    history (at `noise` x NOISE_SCALE)."""
+    told: the sweep passes VALID_SEEDS); the teacher sees its privileged observations, students their noisy history
+    (at `noise` x NOISE_SCALE)."""
     ep = {k: np.zeros(episodes) for k in ("return", "fell", "distance", "tracking_error", "length")}
     aux_true, aux_pred = [], []
     for lo in range(0, episodes, batch):

@@ -14,17 +14,10 @@ Students (`VARIANTS`), all built from the same seed so their actor-critics start
            the student never learns from its own mistakes: the distribution shift the motion prior is meant to avoid
 Rewards are divided by a running std of the discounted return (CleanRL's NormalizeReward); a time-out bootstraps
 r + gamma V(s_final).
-
-Model selection (every loop, teacher included): `select_evals` times over a run the deterministic policy drives
-`select_episodes` episodes on validation terrain (`VALID_SEEDS`: never trained on, never in the held-out evaluation),
-and the weights with the best mean return are the ones saved (SB3's EvalCallback practice). A PPO student on noisy
-proprioception can end its run on a collapsed policy while its stochastic training return stays level; selection
-keeps the run's best policy instead. The kept weights travel in the run's checkpoint, so a resumed run keeps them.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +34,7 @@ VARIANTS = ("method", "no-aux", "no-disc", "dagger", "bc", "scratch")
 IMITATION = ("dagger", "bc")  # trained by train_dagger, not PPO
 TRAIN_SEEDS = (0, 100_000)  # terrain seeds of training; evaluation draws from above
 EVAL_SEEDS = (100_000, 200_000)  # the held-out evaluation's
-VALID_SEEDS = (200_000, 300_000)  # model selection's: the sweep's trials and each run's choice of weights
+VALID_SEEDS = (200_000, 300_000)  # the sweep's trials': neither trained on nor in the held-out evaluation
 
 
 @dataclass(frozen=True)
@@ -58,19 +51,14 @@ class PriorConfig:
     dagger_epochs: int = 4  # minibatches per iteration: this many passes' worth of the iteration's new states
     dagger_lr: float = 1e-3
     dagger_buffer: int = 200_000  # most recent labelled states kept
-    select_evals: int = 10  # validation evaluations over a run (every loop); 0 saves the last weights
-    select_episodes: int = 8  # deterministic episodes on validation terrain per evaluation
 
     def check(self) -> "PriorConfig":
         problems = [f"{k} must be >= 0, got {getattr(self, k)}" for k in ("w_task", "w_style", "c_aux", "gp_weight")
                     if getattr(self, k) < 0]
         problems += [f"{k} must be > 0, got {getattr(self, k)}" for k in ("disc_hidden", "disc_lr", "disc_epochs",
                                                                          "disc_minibatches", "dagger_epochs",
-                                                                         "dagger_lr", "dagger_buffer",
-                                                                         "select_episodes")
+                                                                         "dagger_lr", "dagger_buffer")
                      if not getattr(self, k) > 0]
-        if self.select_evals < 0:
-            problems.append(f"select_evals must be >= 0 (0: keep the last weights), got {self.select_evals}")
         if not 0 <= self.dagger_beta <= 1:
             problems.append(f"dagger_beta must be in [0, 1], got {self.dagger_beta}")
         if problems:
@@ -157,62 +145,6 @@ class MotionPrior:
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
-class _Live:
-    """A policy in training as `evaluate.run_episodes` drives one: deterministic, no auxiliary readout."""
-
-    has_aux = False
-
-    def __init__(self, net: LocoPolicy, obs_key: str, device):
-        self.net, self.obs_key, self.device = net, obs_key, device
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.net.act_deterministic(_tensor(obs, self.device)).cpu().numpy()
-
-
-class BestPolicy(torch.nn.Module):
-    """Model selection over a run (module docstring): a copy of the best weights so far with their validation
-    return and environment step. A module, so the run's checkpoint carries it."""
-
-    def __init__(self, net: LocoPolicy, cfg: TerrainConfig, pc: PriorConfig, obs_key: str, iters: int, device):
-        super().__init__()
-        self.net = copy.deepcopy(net)
-        self.register_buffer("score", torch.tensor(float("-inf"), dtype=torch.float64))
-        self.register_buffer("at_step", torch.tensor(-1, dtype=torch.int64))
-        self.cfg, self.episodes, self.obs_key, self.device, self.iters = cfg, pc.select_episodes, obs_key, device, iters
-        self.every = max(1, iters // pc.select_evals) if pc.select_evals else 0
-        self.curve: list[list[float]] = []  # [env steps, validation return], this process's part of the run
-
-    def consider(self, net: LocoPolicy, score: float, env_steps: int) -> bool:
-        """Keep `net`'s weights if `score` beats the best so far (a tie keeps the earlier)."""
-        self.curve.append([float(env_steps), float(score)])
-        if score > float(self.score):
-            self.net.load_state_dict(net.state_dict())
-            self.score.fill_(score)
-            self.at_step.fill_(env_steps)
-            return True
-        return False
-
-    def after(self, it: int, net: LocoPolicy, env_steps: int) -> dict:
-        """After iteration `it`: on the schedule (and always after the last), evaluate `net` and maybe keep it."""
-        if not self.every or ((it + 1) % self.every and it + 1 != self.iters):
-            return {}
-        from distillery.papers.teacher_prior import evaluate as ev  # it imports this module's seed ranges
-
-        score = float(ev.run_episodes(_Live(net, self.obs_key, self.device), self.cfg, self.episodes,
-                                      self.cfg.obs_noise, terrain_seeds=VALID_SEEDS)["return"].mean())
-        self.consider(net, score, env_steps)
-        return {"validation_return": score, "selected_step": float(self.at_step)}
-
-    def finish(self, net: LocoPolicy) -> dict:
-        """Put the kept weights into `net`; what policy.json records of the choice."""
-        if not self.every or int(self.at_step) < 0:
-            return {"selected_step": None, "selection_curve": []}
-        net.load_state_dict(self.net.state_dict())
-        return {"selected_step": int(self.at_step), "selected_return": float(self.score),
-                "selection_curve": self.curve}
-
-
 def _tensor(x, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
 
@@ -263,7 +195,6 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
     scaler = RewardScaler(ppo.num_envs, gamma)
     obs = env.reset()
     iters = max(1, -(-env_steps // (rollout_steps * ppo.num_envs)))
-    best = BestPolicy(net, cfg, pc, key, iters, dev)
     recent: list[tuple[float, bool]] = []
     curve: list[list[float]] = []
     disc_curve: list[list[float]] = []
@@ -325,7 +256,6 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
         last.update(stats, task_reward=float(a["r_task"].mean()),
                     episode_return=curve[-1][1] if curve else float("nan"),
                     fall_rate=curve[-1][2] if curve else float("nan"))
-        last.update(best.after(it, net, done_steps))
         return {"loss": stats["loss"]}
 
     def log(metrics: dict, step: int) -> None:
@@ -335,7 +265,7 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
     t0 = time.perf_counter()
     # The plain module, not Fabric's wrapper: fabric.save unwraps a wrapper it finds inside a container, fabric.load
     # does not, so a resumed run could not load its own checkpoint.
-    modules = torch.nn.ModuleDict({"policy": net, "best": best, **({"disc": motion.disc} if motion else {})})
+    modules = torch.nn.ModuleDict({"policy": net, **({"disc": motion.disc} if motion else {})})
     opts = {"optimizer": opt, **({"disc_optimizer": motion.opt} if motion else {})}
     metrics = resumable_loop(role, modules, opts, iters, checkpoint_dir, 10, gen, step_fn, log if on_log else None,
                              log_every, dict(cfg=cfg.as_dict(), ppo=ppo.as_dict(), prior=pc.as_dict(), role=role,
@@ -343,17 +273,11 @@ def train_ppo(out_dir: Path, cfg: TerrainConfig, ppo: PPOConfig, *, role: str, e
                              fabric=fabric)
     wall = time.perf_counter() - t0
     extra_meta = {"aux_mean": aux_mean.tolist(), "aux_std": aux_std.tolist()} if aux else {}
-    chosen = best.finish(net)
     save_policy(Path(out_dir), net.cpu(), cfg, role=role, curve=curve, disc_curve=disc_curve,
-                prior=pc.as_dict() if prior else None, c_aux=pc.c_aux if aux else 0.0, **chosen, **extra_meta)
+                prior=pc.as_dict() if prior else None, c_aux=pc.c_aux if aux else 0.0, **extra_meta)
     return {**metrics, "iterations": float(iters), "env_steps": float(done_steps),
             "env_steps_per_s": (done_steps - 0) / max(wall, 1e-9),
-            **_chosen_metrics(chosen), **{f"final_{k}": float(v) for k, v in last.items() if np.isfinite(v)}}
-
-
-def _chosen_metrics(chosen: dict) -> dict:
-    return {} if chosen["selected_step"] is None else {"selected_step": float(chosen["selected_step"]),
-                                                        "selected_validation_return": chosen["selected_return"]}
+            **{f"final_{k}": float(v) for k, v in last.items() if np.isfinite(v)}}
 
 
 def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden: int, env_steps: int,
@@ -384,7 +308,6 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
     env = TerrainVecEnv(cfg, num_envs, seed=seed, terrain_seeds=TRAIN_SEEDS)
     obs = env.reset()
     iters = max(1, -(-env_steps // (rollout_steps * num_envs)))
-    best = BestPolicy(net, cfg, pc, "student", iters, dev)
     xs, ys = [], []
     recent: list[tuple[float, bool]] = []
     curve: list[list[float]] = []
@@ -424,7 +347,6 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
         _curve_point(curve, done_steps, recent)
         last.update(bc_loss=float(np.mean(losses)), beta=beta, dataset=float(len(X)),
                     episode_return=curve[-1][1] if curve else float("nan"))
-        last.update(best.after(it, net, done_steps))
         return {"loss": float(np.mean(losses))}
 
     def log(metrics: dict, step: int) -> None:
@@ -432,14 +354,12 @@ def train_dagger(out_dir: Path, cfg: TerrainConfig, teacher_dir: Path, *, hidden
             on_log({**metrics, **{f"{role}_{k}": v for k, v in last.items() if np.isfinite(v)}}, step)
 
     t0 = time.perf_counter()
-    metrics = resumable_loop(role, torch.nn.ModuleDict({"policy": net, "best": best}), opt, iters, checkpoint_dir,
-                             10, gen, step_fn, log if on_log else None,
+    metrics = resumable_loop(role, model, opt, iters, checkpoint_dir, 10, gen, step_fn, log if on_log else None,
                              log_every, dict(cfg=cfg.as_dict(), prior=pc.as_dict(), hidden=hidden, env_steps=env_steps,
                                              rollout_steps=rollout_steps, num_envs=num_envs, seed=seed),
                              fabric=fabric)
     wall = time.perf_counter() - t0
-    chosen = best.finish(net)
-    save_policy(Path(out_dir), net.cpu(), cfg, role=role, curve=curve, disc_curve=[], **chosen)
+    save_policy(Path(out_dir), net.cpu(), cfg, role=role, curve=curve, disc_curve=[])
     return {**metrics, "iterations": float(iters), "env_steps": float(done_steps),
-            "env_steps_per_s": done_steps / max(wall, 1e-9), **_chosen_metrics(chosen),
+            "env_steps_per_s": done_steps / max(wall, 1e-9),
             **{f"final_{k}": float(v) for k, v in last.items() if np.isfinite(v)}}
