@@ -74,7 +74,7 @@ def teacher_prior(
         sweep_workers: One parallel sweep worker per item; all share one Optuna study.
         trials_per_worker: Trials each sweep worker runs.
         trial_steps: Environment steps a sweep trial trains the method student.
-        sweep_eval_episodes: Held-out episodes scoring a trial.
+        sweep_eval_episodes: Episodes on validation terrain (neither trained on nor held out) scoring a trial.
         eval_episodes: Held-out episodes per policy and condition.
         noise_levels: Observation-noise levels of the evaluation (multiples of the per-feature scale).
         wide_factor: Evaluation randomization ranges this many times wider than training.
