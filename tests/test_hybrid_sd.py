@@ -116,7 +116,9 @@ def test_pruned_unet_loads_with_from_pretrained_in_a_fresh_process(small, tmp_pa
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=300)
     with torch.no_grad():
         want = small(x, 50, encoder_hidden_states=c).sample
-    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), want)
+    # Equal to float rounding, not to the bit: on some CPUs (an AMD EPYC: 7e-7 on outputs near 0.85, at one thread
+    # or two) the two processes' kernels round differently. A weight loaded wrongly moves the output by orders more.
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), want, rtol=0, atol=1e-5)
 
 
 def test_a_unet_pruned_before_feed_forward_pruning_still_builds(pipe):
