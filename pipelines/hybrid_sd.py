@@ -1,7 +1,8 @@
 """hybrid-sd: a large model plans the first denoising steps in the cloud, a pruned small model finishes them on the edge.
 
-The teacher is a tiny-sd model trained here from the image+caption data (colour emoji by default: a set on which a
-small model is visibly worse than the large one), or any diffusers Stable Diffusion pipeline imported by URI. Its
+The teacher is a tiny-sd model trained here from the image+caption data (colour emoji by default, the smoke
+profile's; the cpu and paper profiles take digits, since the smallest emoji class holds 85 images), or any diffusers
+Stable Diffusion pipeline imported by URI. Its
 UNet loses, BK-SDM style, the mid block and the final up stage's last ResNet + attention pair; each remaining
 candidate layer (ResNet and attention blocks) is scored by how much pruning it alone to half changes the
 statistics of generated latents, scored in parallel shards. The least significant third keeps 25% of its channels

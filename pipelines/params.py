@@ -201,14 +201,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       splits=[0, 2, 5], headline_split=2, eval_per_class=2,
                       gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1e6],
                                        "cloud_flops_ratio_large_small": ["max", 1.0]}),
-        "cpu": dict(per_class=300, feature_steps=1000, vae_steps=1500, unet_steps=4000, score_prompts=16,
-                    score_steps=10, kd_steps=4000, tiny_vae_steps=1500, eval_steps=25, splits=[0, 5, 10, 20, 25],
-                    headline_split=10, eval_per_class=64,
+        # cpu and paper: digits, whose classes hold thousands (the smallest emoji class has 85 images)
+        "cpu": dict(sources="mnist", per_class=300, feature_steps=1000, vae_steps=1500, unet_steps=4000,
+                    score_prompts=16, score_steps=10, kd_steps=4000, tiny_vae_steps=1500, eval_steps=25,
+                    splits=[0, 5, 10, 20, 25], headline_split=10, eval_per_class=64,
                     gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1.15],
                                      "cloud_flops_ratio_large_small": ["max", 0.4]}),
-        "paper": dict(resolution=64, per_class=2000, feature_steps=5000, vae_steps=50_000, unet_steps=200_000,
-                      vae_batch_size=128, unet_batch_size=128, score_shards=[0, 1, 2, 3], score_prompts=64,
-                      score_steps=25, kd_steps=50_000, kd_batch_size=128, tiny_vae_steps=50_000,
+        "paper": dict(sources="mnist", resolution=64, per_class=2000, feature_steps=5000, vae_steps=50_000,
+                      unet_steps=200_000, vae_batch_size=128, unet_batch_size=128, score_shards=[0, 1, 2, 3],
+                      score_prompts=64, score_steps=25, kd_steps=50_000, kd_batch_size=128, tiny_vae_steps=50_000,
                       tiny_vae_batch_size=128, eval_steps=25, splits=[0, 5, 10, 15, 20, 25], headline_split=10,
                       eval_per_class=500, gpu=True,
                       gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1.15],
@@ -261,6 +262,19 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 class ParameterError(ValueError):
     pass
 
+
+def _per_class_fits_sources(p: dict[str, Any]) -> str | None:
+    """A dataset built from the raw sources is class-balanced, so per_class cannot exceed their smallest class."""
+    from distillery.data.sources import SMALLEST_CLASS
+
+    if p.get("dataset_uri"):
+        return None
+    sources = p["sources"].split(",")
+    limit = min(SMALLEST_CLASS[s] for s in sources)
+    if p["per_class"] > limit:
+        return (f"per_class {p['per_class']} is more than the {limit} images of the smallest class in sources "
+                f"{p['sources']!r}: lower per_class to at most {limit}, choose other sources, or pass a dataset_uri")
+    return None
 
 def _scott_headline_rows(p: dict[str, Any]) -> str | None:
     from distillery.papers.scott.evaluate import HEADLINE_STUDENT_STEPS, HEADLINE_TEACHER_STEPS
@@ -333,11 +347,14 @@ def _teacher_prior_budgets(p: dict[str, Any]) -> str | None:
 
 
 # Checks across parameters, run after the per-value constraints; each returns what is wrong or None.
-CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {"scott": [_scott_headline_rows],
-                                                                    "smdp-nav": [_smdp_durations],
-                                                                    "hybrid-sd": [_hybrid_splits],
-                                                                    "teacher-prior": [_teacher_prior_budgets],
-                                                                    "swift-diffusion": [_swift_addons]}
+CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {
+    "tiny-sd": [_per_class_fits_sources],
+    "scott": [_per_class_fits_sources, _scott_headline_rows],
+    "smdp-nav": [_smdp_durations],
+    "hybrid-sd": [_per_class_fits_sources, _hybrid_splits],
+    "teacher-prior": [_teacher_prior_budgets],
+    "swift-diffusion": [_per_class_fits_sources, _swift_addons],
+}
 
 
 def pipeline_parameters(func: Callable) -> dict[str, inspect.Parameter]:

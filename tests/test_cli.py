@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -26,7 +27,22 @@ def test_bad_parameters_are_refused_before_anything_runs(home):
     assert r.exit_code == 2 and "smoke" in r.output
     r = runner.invoke(app, ["run", "no-such-pipeline"])
     assert r.exit_code == 2 and "tiny-sd" in r.output
+    # more per class than the smallest emoji class holds: refused here, not by the data step
+    r = runner.invoke(app, ["run", "hybrid-sd", "--set", "sources=mnist,emoji", "--set", "per_class=86"])
+    assert r.exit_code == 2 and "at most 85" in r.output
     assert not (home / "pipeline_root").exists()
+
+
+def test_per_class_is_checked_against_the_sources_unless_a_dataset_is_given():
+    from pipelines import registry
+    from pipelines.params import ParameterError, resolve
+
+    func = registry()["swift-diffusion"]
+    assert resolve("swift-diffusion", func, "smoke", {"sources": "emoji", "per_class": 85})["per_class"] == 85
+    with pytest.raises(ParameterError, match="per_class 86 .* at most 85"):
+        resolve("swift-diffusion", func, "smoke", {"sources": "emoji", "per_class": 86})
+    assert resolve("swift-diffusion", func, "smoke", {"sources": "emoji", "per_class": 86,
+                                                      "dataset_uri": "s3://bucket/data"})["per_class"] == 86
 
 
 def test_cron_expressions():

@@ -11,7 +11,8 @@ import yaml
 
 from conftest import REPO
 from distillery.data import build_image_caption_dataset, load_image_caption_dataset
-from distillery.data.sources import EXPECTED_SHA256, file_sha256, materialize_raw, source_matches
+from distillery.data.sources import (EXPECTED_SHA256, SMALLEST_CLASS, file_sha256, materialize_raw,
+                                     source_matches)
 
 DATA = REPO / "data"
 
@@ -82,6 +83,20 @@ def test_materialized_raw_data_matches_the_recorded_bytes():
     for source, files in EXPECTED_SHA256.items():
         assert source_matches(DATA, source), f"data/{source} differs from the pinned sources: run `make data`"
         assert sorted(p.name for p in (DATA / source).iterdir()) == sorted(files)
+
+
+
+def test_the_smallest_class_the_parameter_check_uses_is_the_datas(tmp_path):
+    from distillery.data.dataset import EXCLUDED_EMOJI_CATEGORIES
+
+    mnist = np.bincount(np.load(DATA / "mnist" / "labels.npy"))
+    emoji = json.loads((DATA / "emoji" / "emoji.json").read_text())
+    cats = [r["category"] for r in emoji if r["category"] not in EXCLUDED_EMOJI_CATEGORIES]
+    assert SMALLEST_CLASS == {"mnist": int(mnist.min()), "emoji": min(cats.count(c) for c in set(cats))}
+    # the largest balanced dataset builds; one more per class is refused (test_bad_arguments_say_what_to_change)
+    m = build_image_caption_dataset(tmp_path, sources=("emoji",), resolution=8, per_class=SMALLEST_CLASS["emoji"],
+                                    data_dir=DATA)
+    assert m["num_images"] == SMALLEST_CLASS["emoji"] * m["num_classes"]
 
 
 @pytest.mark.slow
