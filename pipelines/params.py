@@ -196,9 +196,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                       gate_thresholds={"return_ratio_vs_teacher": ["min", 0.85], "onnx_max_abs_diff": ["max", 1e-5]}),
     },
     "hybrid-sd": {
-        "smoke": dict(per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, score_prompts=2, score_steps=2,
-                      kd_steps=4, kd_batch_size=8, tiny_vae_steps=6, tiny_vae_batch_size=8, eval_steps=5,
-                      splits=[0, 2, 5], headline_split=2, eval_per_class=2,
+        # smoke names its sources: the containerized test runs it over the compiled cpu profile's defaults
+        "smoke": dict(sources="emoji", per_class=40, feature_steps=100, vae_steps=60, unet_steps=150, score_prompts=2,
+                      score_steps=2, kd_steps=4, kd_batch_size=8, tiny_vae_steps=6, tiny_vae_batch_size=8,
+                      eval_steps=5, splits=[0, 2, 5], headline_split=2, eval_per_class=2,
                       gate_thresholds={"fd_ratio_large_small_vs_large": ["max", 1e6],
                                        "cloud_flops_ratio_large_small": ["max", 1.0]}),
         # cpu and paper: digits, whose classes hold thousands (the smallest emoji class has 85 images)
