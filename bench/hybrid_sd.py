@@ -7,7 +7,8 @@ released cloud + edge predictors timed end to end through their HTTP endpoints (
 Side by side (ours / baseline), at the released split k/N:
 hybrid (large->small) vs large only (cloud UNet FLOPs, FD), the small->large quality gap recovered, the pruned UNet
 vs the teacher (parameters, CPU time per step), significance-scored vs uniform pruning at equal parameters and KD
-steps (FD), the tiny VAE vs the teacher's (decode time, PSNR), and the two orders of the split (FD).
+steps (FD; also with both small UNets decoded by the teacher's VAE, the pruning alone), the tiny VAE vs the
+teacher's (decode time, PSNR, and FD of the large model's images through each), and the two orders of the split (FD).
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def main() -> None:
         ("UNet params: pruned vs teacher", m["small_params"], m["large_params"], ""),
         ("CPU s / step: pruned vs teacher", m["small_step_s"], m["large_step_s"], "s"),
         ("FD: scored pruning vs uniform (equal params, KD steps)", m["fd_small"], m["fd_uniform"], ""),
+        ("FD: the same, both through the teacher's VAE", m.get("small_only_sd_vae_fd", float("nan")),
+         m.get("uniform_only_sd_vae_fd", float("nan")), ""),
+        ("FD: large only, tiny VAE vs the teacher's", m.get("large_only_tiny_vae_fd", float("nan")), m["fd_large"], ""),
         ("VAE decode s: tiny vs teacher", m["tiny_vae_decode_s"], m["vae_decode_s"], "s"),
         ("VAE PSNR dB: tiny vs teacher", m["tiny_vae_psnr"], m["vae_psnr"], "dB"),
         ("cond. acc: hybrid vs large only", m["cond_acc_large_small"], m["cond_acc_large"], ""),

@@ -57,6 +57,14 @@ def test_hybrid_sd_smoke_runs_in_containers(cluster_like, image, s3):
         table = json.load(f)
     rows = {r[0]: dict(zip(table["columns"], r)) for r in table["data"]}
     assert {"large_only", "small_only", "large_small_2of5", "small_large_2of5", "uniform_only"} <= set(rows)
+    # the VAE-swapped rows: the large model through the tiny VAE, each small UNet through the teacher's VAE
+    assert {"large_only_tiny_vae", "small_only_sd_vae", "uniform_only_sd_vae"} <= set(rows)
+    assert rows["large_only_tiny_vae"]["cloud_flops"] == rows["large_only"]["cloud_flops"]
+    assert rows["large_only_tiny_vae"]["fd"] != rows["large_only"]["fd"]  # the same latents, another decoder
+    assert ev["fd_ratio_scored_vs_uniform_sd_vae"] == pytest.approx(
+        rows["small_only_sd_vae"]["fd"] / rows["uniform_only_sd_vae"]["fd"])
+    assert ev["fd_ratio_tiny_vae_on_large"] == pytest.approx(
+        rows["large_only_tiny_vae"]["fd"] / rows["large_only"]["fd"])
     for name, row in rows.items():
         assert row["fd_ci_low"] <= row["fd"] <= row["fd_ci_high"], name  # every FD with its bootstrap interval
     assert rows["large_small_2of5"]["cloud_flops"] == pytest.approx(0.4 * rows["large_only"]["cloud_flops"])

@@ -108,23 +108,29 @@ def row_key(order: str, k: int, steps: int) -> str:
 
 def split_table(pipe, small_unet, tiny_vae, holdout, feature_net, *, steps: int, splits: list[int],
                 orders: list[str], guidance_scale: float, num_per_class: int, seed: int = 0,
-                extra_small: dict | None = None) -> tuple[list[dict], dict]:
+                extra_small: dict | None = None, swap_vaes: bool = True) -> tuple[list[dict], dict]:
     """One row per (order, k), plus a row per `extra_small` UNet alone (e.g. the uniform-pruning baseline).
+    A row that ends on the small model decodes with the tiny VAE, as the edge does. `swap_vaes` adds the rows that
+    tell the UNet's share of an FD from the VAE's: the large model alone through the tiny VAE (`*_tiny_vae`), and
+    each small UNet alone through the teacher's VAE (`*_sd_vae`, the pruning compared on the UNets alone).
     Returns rows and {row key: sample grid}."""
     from distillery.models import image_eval
 
     large = pipe.unet
     flops = unet_flops(large)
     evals = 2 if guidance_scale > 1.0 else 1
-    jobs = [(o, k, small_unet) for o, k in rows_to_run(steps, splits, orders)]
-    jobs += [(name, steps, unet) for name, unet in (extra_small or {}).items()]
+    jobs = [(o, k, small_unet, None) for o, k in rows_to_run(steps, splits, orders)]
+    jobs += [(name, steps, unet, None) for name, unet in (extra_small or {}).items()]
+    if swap_vaes:
+        jobs += [("large", steps, small_unet, "tiny"), ("small", steps, small_unet, "sd")]
+        jobs += [(name, steps, unet, "sd") for name, unet in (extra_small or {}).items()]
     rows, grids = [], {}
-    for order, k, small in jobs:
+    for order, k, small, swap in jobs:
         first, second = {"large": (large, large), "large-small": (large, small),
                          "small-large": (small, large)}.get(order, (small, small))
         n_large = large_steps(order, k, steps) if order in ("large", "small", *sampler.ORDERS) else 0
         last_is_large = second is large and (k < steps or first is large)
-        vae = pipe.vae if last_is_large else tiny_vae
+        vae = {"tiny": tiny_vae, "sd": pipe.vae}.get(swap, pipe.vae if last_is_large else tiny_vae)
 
         def gen(prompts, seeds, first=first, second=second, k=k, vae=vae):
             latents = sampler.hybrid_latents(pipe, first, second, prompts, seeds, steps=steps, k=k,
@@ -135,8 +141,10 @@ def split_table(pipe, small_unet, tiny_vae, holdout, feature_net, *, steps: int,
                                                    steps=steps, guidance_scale=guidance_scale, seed=seed,
                                                    generate_fn=gen, latency_probes=1)
         key = row_key(order, k, steps) if order in ("large", "small", *sampler.ORDERS) else f"{order}_only"
+        key += {"tiny": "_tiny_vae", "sd": "_sd_vae"}.get(swap, "")
         grids[key] = result.pop("grid")
-        rows.append({"row": key, "order": order, "k": k, "steps": steps, "large_steps": n_large,
+        rows.append({"row": key, "order": order if swap is None else f"{order}, {swap} vae", "k": k, "steps": steps,
+                     "large_steps": n_large,
                      "cloud_flops": n_large * evals * flops, "cloud_fraction": n_large / steps,
                      **{m: result[m] for m in ROW_METRICS if m in result}})
     return rows, grids
@@ -166,6 +174,11 @@ def headline(rows: list[dict], *, steps: int, split: int, uniform_row: str | Non
     if uniform_row and uniform_row in by:
         out["fd_uniform"] = by[uniform_row]["fd"]
         out["fd_ratio_scored_vs_uniform"] = small["fd"] / max(by[uniform_row]["fd"], 1e-12)
+        if f"{uniform_row}_sd_vae" in by and "small_only_sd_vae" in by:  # the pruning alone, without the tiny VAE
+            out["fd_ratio_scored_vs_uniform_sd_vae"] = (by["small_only_sd_vae"]["fd"]
+                                                         / max(by[f"{uniform_row}_sd_vae"]["fd"], 1e-12))
+    if "large_only_tiny_vae" in by:  # what the tiny VAE alone costs the large model's images
+        out["fd_ratio_tiny_vae_on_large"] = by["large_only_tiny_vae"]["fd"] / max(large["fd"], 1e-12)
     return out
 
 
@@ -194,7 +207,7 @@ def plot(rows: list[dict]):
         ax.plot([r["cloud_fraction"] for r in pts], [r["fd"] for r in pts], marker="o", label=order)
     for r in rows:
         if r["order"] not in ("large", "small", *sampler.ORDERS):
-            ax.scatter([0.0], [r["fd"]], marker="x", label=r["row"])
+            ax.scatter([r["cloud_fraction"]], [r["fd"]], marker="x", label=r["row"])
     ax.set_xlabel("cloud cost (share of large-only UNet FLOPs)")
     ax.set_ylabel("FD (lower is better)")
     ax.legend()
