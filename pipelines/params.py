@@ -277,6 +277,7 @@ def _per_class_fits_sources(p: dict[str, Any]) -> str | None:
                 f"{p['sources']!r}: lower per_class to at most {limit}, choose other sources, or pass a dataset_uri")
     return None
 
+
 def _scott_headline_rows(p: dict[str, Any]) -> str | None:
     from distillery.papers.scott.evaluate import HEADLINE_STUDENT_STEPS, HEADLINE_TEACHER_STEPS
 

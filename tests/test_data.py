@@ -85,7 +85,6 @@ def test_materialized_raw_data_matches_the_recorded_bytes():
         assert sorted(p.name for p in (DATA / source).iterdir()) == sorted(files)
 
 
-
 def test_the_smallest_class_the_parameter_check_uses_is_the_datas(tmp_path):
     from distillery.data.dataset import EXCLUDED_EMOJI_CATEGORIES
 

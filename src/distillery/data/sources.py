@@ -41,6 +41,7 @@ EXPECTED_SHA256 = {
 # pinned bytes above. A class-balanced dataset takes at most this many per class; pipelines check it before they start.
 SMALLEST_CLASS = {"mnist": 6313, "emoji": 85}
 
+
 class _ArraysOnly(pickle.Unpickler):
     """The MNIST pickle holds plain numpy arrays; refuse anything else it could name."""
 

@@ -122,15 +122,16 @@ def split_table(pipe, small_unet, tiny_vae, holdout, feature_net, *, steps: int,
     jobs = [(o, k, small_unet, None) for o, k in rows_to_run(steps, splits, orders)]
     jobs += [(name, steps, unet, None) for name, unet in (extra_small or {}).items()]
     if swap_vaes:
-        jobs += [("large", steps, small_unet, "tiny"), ("small", steps, small_unet, "sd")]
-        jobs += [(name, steps, unet, "sd") for name, unet in (extra_small or {}).items()]
+        jobs += [("large", steps, small_unet, "tiny_vae"), ("small", steps, small_unet, "sd_vae")]
+        jobs += [(name, steps, unet, "sd_vae") for name, unet in (extra_small or {}).items()]
+    vaes = {"tiny_vae": tiny_vae, "sd_vae": pipe.vae}
     rows, grids = [], {}
     for order, k, small, swap in jobs:
         first, second = {"large": (large, large), "large-small": (large, small),
                          "small-large": (small, large)}.get(order, (small, small))
         n_large = large_steps(order, k, steps) if order in ("large", "small", *sampler.ORDERS) else 0
         last_is_large = second is large and (k < steps or first is large)
-        vae = {"tiny": tiny_vae, "sd": pipe.vae}.get(swap, pipe.vae if last_is_large else tiny_vae)
+        vae = vaes[swap] if swap else pipe.vae if last_is_large else tiny_vae
 
         def gen(prompts, seeds, first=first, second=second, k=k, vae=vae):
             latents = sampler.hybrid_latents(pipe, first, second, prompts, seeds, steps=steps, k=k,
@@ -141,10 +142,10 @@ def split_table(pipe, small_unet, tiny_vae, holdout, feature_net, *, steps: int,
                                                    steps=steps, guidance_scale=guidance_scale, seed=seed,
                                                    generate_fn=gen, latency_probes=1)
         key = row_key(order, k, steps) if order in ("large", "small", *sampler.ORDERS) else f"{order}_only"
-        key += {"tiny": "_tiny_vae", "sd": "_sd_vae"}.get(swap, "")
+        key += f"_{swap}" if swap else ""
         grids[key] = result.pop("grid")
-        rows.append({"row": key, "order": order if swap is None else f"{order}, {swap} vae", "k": k, "steps": steps,
-                     "large_steps": n_large,
+        rows.append({"row": key, "order": f"{order}, {swap.replace('_', ' ')}" if swap else order, "k": k,
+                     "steps": steps, "large_steps": n_large,
                      "cloud_flops": n_large * evals * flops, "cloud_fraction": n_large / steps,
                      **{m: result[m] for m in ROW_METRICS if m in result}})
     return rows, grids
